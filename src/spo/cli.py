@@ -1,0 +1,157 @@
+"""`spo` command line: parse, call the library, say where the results went."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from spo.errors import SPOError
+
+
+def _writable_dir(path: Path) -> Path:
+    """Create `path` (and parents) or fail with a one-line reason before any work is done."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".spo-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise SPOError(f"cannot write to {path}: {exc.strerror or exc}; choose another --out") from None
+    return path
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="spo")
+def cli() -> None:
+    """Step-aware Preference Optimization for text-to-image diffusion models.
+
+    \b
+    Commands for the embedded world (a local world where the true preference is known):
+      spo world build     rebuild every world artifact from a seed
+      spo world sample    sample images from the world model and score them
+      spo world info      print the shipped world's figures
+      spo demo            the main job on the embedded default
+    """
+
+
+@cli.group()
+def world() -> None:
+    """The embedded world: procedural scenes, a small SD model, ground-truth preference, data."""
+
+
+@world.command("build")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Output directory (default: the packaged world).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--tiny", is_flag=True, help="Reduced sizes: every stage in well under a minute (for tests).")
+@click.option("--force", is_flag=True, help="Rebuild every stage even if already built.")
+def world_build(out: Path | None, seed: int, tiny: bool, force: bool) -> None:
+    """Rebuild every artifact of the world; completed stages are kept unless --force."""
+    from spo.world import default_world_dir
+    from spo.world.build import BuildConfig, build
+
+    out = _writable_dir(out or default_world_dir())
+    cfg = BuildConfig.tiny_config(seed) if tiny else BuildConfig(seed=seed)
+    manifest = build(out, cfg, force=force, log=lambda m: click.echo(m, err=True))
+    _print_figures(manifest)
+    click.echo(f"world written to {out}")
+
+
+@world.command("info")
+@click.option("--world", "world_dir", type=click.Path(path_type=Path), default=None, help="World directory.")
+def world_info(world_dir: Path | None) -> None:
+    """Print the world's build figures."""
+    from spo.world import open_world
+
+    world_dir = open_world(world_dir)
+    _print_figures(json.loads((world_dir / "world.json").read_text()))
+
+
+@world.command("sample")
+@click.option("--world", "world_dir", type=click.Path(path_type=Path), default=None, help="World directory.")
+@click.option("--prompt", "prompts", multiple=True, help="Caption (repeatable). Default: held-out test prompts.")
+@click.option("-n", "--num", type=click.IntRange(1, 512), default=16, show_default=True, help="Images when no --prompt is given.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option("--guidance", type=float, default=5.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/world-sample"), show_default=True)
+def world_sample(world_dir, prompts, num, steps, guidance, seed, out) -> None:
+    """Sample from the world's diffusion model, save a captioned grid and print the true utility."""
+    _sample_and_score(world_dir, list(prompts), num, steps, guidance, seed, out)
+
+
+@cli.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True)
+@click.option("--world", "world_dir", type=click.Path(path_type=Path), default=None, help="World directory.")
+def demo(out: Path, world_dir: Path | None) -> None:
+    """The main job on the embedded default (for now: sample and score the base model)."""
+    _sample_and_score(world_dir, [], 32, 20, 5.0, 0, out)
+
+
+def _sample_and_score(world_dir, prompts, num, steps, guidance, seed, out) -> None:
+    import numpy as np
+
+    from spo.plots import captioned_grid
+    from spo.world import load_pipeline, open_world
+    from spo.world import prompts as world_prompts
+    from spo.world.build import sample_images
+    from spo.world.scenes import parse_caption
+    from spo.world.utility import utility_terms
+
+    world_dir = open_world(world_dir)
+    out = _writable_dir(out)
+    bad = [p for p in prompts if parse_caption(p) is None]
+    if bad:
+        raise SPOError(f"prompt outside the world's grammar: {bad[0]!r} (e.g. 'a large red circle on the left', "
+                       "'a blue square above a yellow triangle')")
+    captions = prompts or world_prompts.split_prompts(0)["test"][:num]
+    pipe = load_pipeline(world_dir)
+    images = sample_images(pipe, captions, guidance, steps, 0.0, seed)
+    terms = [utility_terms(img, cap) for img, cap in zip(images, captions)]
+    grid = captioned_grid(images, [f"{t['utility']:.2f} {c}" for t, c in zip(terms, captions)], out / "samples.png",
+                          title=f"DDIM {steps} steps, CFG {guidance:g}, seed {seed}; number = true utility")
+    u = np.array([t["utility"] for t in terms])
+    summary = dict(n=len(u), utility_mean=float(u.mean()), utility_std=float(u.std()), steps=steps,
+                   guidance=guidance, seed=seed, world=str(world_dir),
+                   terms={k: float(np.mean([t[k] for t in terms])) for k in terms[0]})
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    click.echo(f"utility over {len(u)} images: mean {u.mean():.3f} (std {u.std():.3f})")
+    click.echo(f"grid: {grid}\nsummary: {out / 'summary.json'}")
+
+
+def _print_figures(manifest: dict) -> None:
+    figs = manifest.get("figures", {})
+    base = figs.get("base_model", {}).get("utility", {})
+    pick = figs.get("pickscore", {})
+    if base:
+        lo, hi = base["ci95"]
+        click.echo(f"base model utility on held-out prompts: {base['mean']:.3f} ± {base['std']:.3f} "
+                   f"(95% CI {lo:.3f}–{hi:.3f}, n={base['n']})")
+    if pick:
+        click.echo(f"world PickScore accuracy on held-out pairs: {pick['accuracy_pickscore']:.3f} "
+                   f"(contrastive CLIP {pick['accuracy_clip']:.3f}; label-noise ceiling {pick['ceiling_true_utility']:.3f})")
+    for stage, seconds in manifest.get("timings", {}).items():
+        click.echo(f"  {stage:<12} {seconds:8.1f}s")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except SPOError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

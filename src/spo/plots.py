@@ -1,0 +1,36 @@
+"""Pictures people would rather look at than read: captioned image grids."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+
+def captioned_grid(images, captions: list[str], path: str | Path, cols: int = 8, cell: int = 128,
+                   title: str | None = None) -> Path:
+    """Save images (HxWx3 floats in [0, 1] or uint8) upscaled to `cell` px, each with its caption below."""
+    font = ImageFont.load_default()
+    rows = max(1, -(-len(images) // cols))
+    text_h, title_h = 30, (20 if title else 0)
+    canvas = Image.new("RGB", (cols * cell, title_h + rows * (cell + text_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((4, 4), title, fill="black", font=font)
+    for i, (img, cap) in enumerate(zip(images, captions)):
+        arr = np.asarray(img)
+        if arr.dtype != np.uint8:
+            arr = (np.clip(arr, 0, 1) * 255 + 0.5).astype(np.uint8)
+        tile = Image.fromarray(arr).resize((cell, cell), Image.NEAREST)
+        x, y = (i % cols) * cell, title_h + (i // cols) * (cell + text_h)
+        canvas.paste(tile, (x, y))
+        lines = textwrap.wrap(cap, width=cell // 6)[:2]
+        draw.text((x + 2, y + cell + 1), "\n".join(lines), fill="black", font=font, spacing=1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    canvas.save(tmp)
+    tmp.replace(path)
+    return path

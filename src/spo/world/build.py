@@ -1,0 +1,424 @@
+"""Build every artifact of the embedded world from a seed.
+
+Stages (each writes one folder under the output directory, and is skipped when it is already
+complete, so an interrupted build continues where it stopped):
+
+    tokenizer    CLIP BPE vocabulary for the caption grammar
+    clip         the world's CLIP, trained contrastively on captions and scenes
+    sd           Stable Diffusion pipeline: the CLIP text tower (frozen), a VAE and a UNet trained on scenes
+    preference   image pairs sampled from `sd`, labelled by simulated humans, in the Pick-a-Pic schema
+    pickscore    the CLIP fine-tuned on the preference pairs with the PickScore loss
+    report       figures: base utility on held-out prompts, a sample grid, PickScore accuracy, timings
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from spo.world import architecture, prompts, scenes
+from spo.world.labels import LabelModel, label_accuracy, simulate_labels
+from spo.world.utility import utility
+
+WORLD_FORMAT = 1
+
+
+@dataclass
+class BuildConfig:
+    seed: int = 0
+    tiny: bool = False  # reduced sizes for tests: every stage runs, in well under a minute
+    n_images: int = 40000  # pre-training scenes (captions + degraded renders)
+    clip_steps: int = 1200
+    clip_batch: int = 128
+    clip_lr: float = 1e-3
+    vae_steps: int = 1200
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    unet_steps: int = 2400
+    unet_batch: int = 64
+    unet_lr: float = 8e-4
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1  # so classifier-free guidance works
+    pairs: dict = field(default_factory=lambda: {"train": 2000, "validation": 200, "test": 400})
+    sample_steps: int = 20
+    guidance_scales: tuple = (3.0, 5.0, 7.5)  # each image of a pair draws one, like Pick-a-Pic's mix of models
+    eta: float = 1.0
+    pickscore_steps: int = 600
+    pickscore_batch: int = 64
+    pickscore_lr: float = 1e-4
+    labels: LabelModel = field(default_factory=LabelModel)
+
+    @classmethod
+    def tiny_config(cls, seed: int = 0) -> "BuildConfig":
+        return cls(
+            seed=seed, tiny=True, n_images=256, clip_steps=3, clip_batch=16, vae_steps=3, vae_batch=8,
+            unet_steps=3, unet_batch=8, pairs={"train": 12, "validation": 4, "test": 6}, sample_steps=3,
+            pickscore_steps=3, pickscore_batch=4,
+        )
+
+
+def _seed_all(seed: int) -> torch.Generator:
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _atomic_dir(final: Path):
+    """A temp folder renamed to `final` only once the stage has written everything."""
+    tmp = final.with_name(final.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _commit_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+# ------------------------------------------------------------------ data
+
+
+def pretraining_data(n: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    """`n` degraded renders with their captions; half single-object, half two-object captions."""
+    rng = np.random.default_rng(seed)
+    specs = scenes.all_specs()
+    singles = [s for s in specs if s.relation is None]
+    pairs = [s for s in specs if s.relation is not None]
+    images = np.empty((n, scenes.IMAGE_SIZE, scenes.IMAGE_SIZE, 3), np.uint8)
+    captions = []
+    for i in tqdm(range(n), desc="render scenes", leave=False):
+        pool = singles if rng.uniform() < 0.5 else pairs
+        spec = pool[rng.integers(len(pool))]
+        images[i] = scenes.to_uint8(scenes.training_example(spec, rng))
+        captions.append(scenes.caption_of(spec))
+    return images, captions
+
+
+def to_model_range(images_uint8: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1], the range of Stable Diffusion's VAE and our CLIP's processor."""
+    return torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def text_features(clip, input_ids: torch.Tensor) -> torch.Tensor:
+    """Projected, normalised text embeddings (taken explicitly: transformers 5 returns output objects)."""
+    return F.normalize(clip.text_projection(clip.text_model(input_ids=input_ids).pooler_output), dim=-1)
+
+
+def image_features(clip, pixel_values: torch.Tensor) -> torch.Tensor:
+    return F.normalize(clip.visual_projection(clip.vision_model(pixel_values=pixel_values).pooler_output), dim=-1)
+
+
+def _tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def _cosine_lr(step: int, total: int, warmup: int = 50) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+# ------------------------------------------------------------------ stages
+
+
+def train_clip(images, captions, tokenizer, cfg: BuildConfig, gen: torch.Generator):
+    clip = architecture.clip_model(tokenizer, tiny=cfg.tiny)
+    pixels, ids = to_model_range(images), _tokenize(tokenizer, captions)
+    caption_index = torch.tensor([hash(c) for c in captions])
+    opt = torch.optim.AdamW(clip.parameters(), lr=cfg.clip_lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, cfg.clip_steps))
+    bar = tqdm(range(cfg.clip_steps), desc="clip (contrastive)", leave=False)
+    for _ in bar:
+        idx = torch.randint(len(pixels), (cfg.clip_batch,), generator=gen)
+        # Identical captions in a batch are not negatives of each other.
+        same = (caption_index[idx][:, None] == caption_index[idx][None, :]).float()
+        logits = clip.logit_scale.exp() * text_features(clip, ids[idx]) @ image_features(clip, pixels[idx]).T
+        target = same / same.sum(1, keepdim=True)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            clip.logit_scale.clamp_(0, math.log(100))
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return clip.eval()
+
+
+def train_vae(images, cfg: BuildConfig, gen: torch.Generator):
+    vae = architecture.vae(tiny=cfg.tiny)
+    pixels = to_model_range(images)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, cfg.vae_steps))
+    bar = tqdm(range(cfg.vae_steps), desc="vae", leave=False)
+    for _ in bar:
+        x = pixels[torch.randint(len(pixels), (cfg.vae_batch,), generator=gen)]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        loss = (recon - x).abs().mean() + 0.5 * (recon - x).pow(2).mean() + 1e-6 * posterior.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mean for i in range(0, min(len(pixels), 4096), 256)])
+    # As in Stable Diffusion, scale latents to unit variance for the diffusion model.
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return vae
+
+
+@torch.no_grad()
+def _encode_all(vae, images, gen, batch: int = 256) -> torch.Tensor:
+    pixels = to_model_range(images)
+    out = [vae.encode(pixels[i : i + batch]).latent_dist.sample(generator=gen) for i in range(0, len(pixels), batch)]
+    return torch.cat(out) * vae.config.scaling_factor
+
+
+def train_unet(images, captions, vae, text_encoder, tokenizer, cfg: BuildConfig, gen: torch.Generator):
+    unet = architecture.unet(text_encoder.config.hidden_size, tiny=cfg.tiny)
+    ema = [p.detach().clone() for p in unet.parameters()]
+    noise_scheduler = architecture.scheduler()
+    latents = _encode_all(vae, images, gen)
+    vocab = sorted(set(captions)) + [""]
+    with torch.no_grad():
+        table = torch.cat([text_encoder(_tokenize(tokenizer, vocab[i : i + 256]))[0] for i in range(0, len(vocab), 256)])
+    index = {c: i for i, c in enumerate(vocab)}
+    caption_ids = torch.tensor([index[c] for c in captions])
+    empty = index[""]
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, cfg.unet_steps, warmup=100))
+    bar = tqdm(range(cfg.unet_steps), desc="unet", leave=False)
+    for _ in bar:
+        idx = torch.randint(len(latents), (cfg.unet_batch,), generator=gen)
+        x0 = latents[idx]
+        cond = caption_ids[idx].clone()
+        cond[torch.rand(len(idx), generator=gen) < cfg.caption_dropout] = empty
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
+        pred = unet(noise_scheduler.add_noise(x0, noise, t), t, table[cond]).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for e, p in zip(ema, unet.parameters()):
+                e.lerp_(p, 1 - cfg.ema_decay)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    with torch.no_grad():
+        for e, p in zip(ema, unet.parameters()):
+            p.copy_(e)
+    return unet.eval()
+
+
+def sd_pipeline(unet, vae, text_encoder, tokenizer):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=architecture.scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+@torch.no_grad()
+def sample_images(pipe, captions: list[str], guidance: float, steps: int, eta: float, seed: int,
+                  batch: int = 64, desc: str = "sample") -> np.ndarray:
+    """float HxWx3 images in [0, 1] from a diffusers pipeline, reproducible from `seed`."""
+    out = []
+    for start in tqdm(range(0, len(captions), batch), desc=desc, leave=False):
+        chunk = captions[start : start + batch]
+        gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+        result = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, eta=eta, generator=gens,
+                      output_type="np")
+        out.append(result.images)
+    return np.concatenate(out) if out else np.zeros((0, scenes.IMAGE_SIZE, scenes.IMAGE_SIZE, 3), np.float32)
+
+
+def _utility_chunk(args):
+    images, captions = args
+    return [utility(img, cap) for img, cap in zip(images, captions)]
+
+
+def utilities(images: np.ndarray, captions: list[str], workers: int | None = None) -> np.ndarray:
+    """Ground-truth utility of many images, in parallel over processes."""
+    workers = workers or min(4, os.cpu_count() or 1)
+    if workers <= 1 or len(images) < 64:
+        return np.asarray(_utility_chunk((images, captions)))
+    chunks = [(images[i : i + 64], captions[i : i + 64]) for i in range(0, len(images), 64)]
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        results = list(tqdm(pool.map(_utility_chunk, chunks), total=len(chunks), desc="utility", leave=False))
+    return np.asarray([u for r in results for u in r])
+
+
+def train_pickscore(clip, tokenizer, train_rows, cfg: BuildConfig, gen: torch.Generator):
+    """Fine-tune with the PickScore loss: softmax over the pair's two scores vs the label distribution."""
+    from spo.world.preference_data import decode_pair_tensors
+
+    img0, img1 = decode_pair_tensors(train_rows)
+    ids = _tokenize(tokenizer, list(train_rows["caption"]))
+    target = torch.tensor(np.stack([train_rows["label_0"], train_rows["label_1"]], 1), dtype=torch.float32)
+    clip.train()
+    opt = torch.optim.AdamW(clip.parameters(), lr=cfg.pickscore_lr, weight_decay=0.01)
+    bar = tqdm(range(cfg.pickscore_steps), desc="pickscore", leave=False)
+    for _ in bar:
+        idx = torch.randint(len(ids), (cfg.pickscore_batch,), generator=gen)
+        t = text_features(clip, ids[idx])
+        s0 = (t * image_features(clip, img0[idx])).sum(-1)
+        s1 = (t * image_features(clip, img1[idx])).sum(-1)
+        logits = clip.logit_scale.exp() * torch.stack([s0, s1], 1)
+        loss = F.cross_entropy(logits, target[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return clip.eval()
+
+
+@torch.no_grad()
+def clip_scores(clip, tokenizer, captions: list[str], pixels: torch.Tensor, batch: int = 256) -> np.ndarray:
+    """PickScore-style scores: logit_scale * cos(text, image), images in [-1, 1]."""
+    out = []
+    for i in range(0, len(captions), batch):
+        t = text_features(clip, _tokenize(tokenizer, captions[i : i + batch]))
+        v = image_features(clip, pixels[i : i + batch])
+        out.append((clip.logit_scale.exp() * (t * v).sum(-1)).numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+# ------------------------------------------------------------------ the whole build
+
+
+def build(out: str | Path, cfg: BuildConfig, force: bool = False, log=print) -> dict:
+    """Run every stage not yet complete under `out`; returns the build report."""
+    from transformers import CLIPModel, CLIPProcessor, CLIPTextModel, CLIPTokenizer
+
+    from spo.world import preference_data, report
+    from spo.world.tokenizer import write_tokenizer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if force:
+        for child in out.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    timings = _read_json(out / "timings.json")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    def stage(name: str) -> tuple[bool, float]:
+        done = (out / name).exists()
+        if done:
+            log(f"[world] {name}: already built, skipping")
+        else:
+            log(f"[world] {name}: building")
+        return done, time.time()
+
+    def finish(name: str, t0: float) -> None:
+        timings[name] = round(time.time() - t0, 1)
+        _write_json(out / "timings.json", timings)
+        log(f"[world] {name}: done in {timings[name]:.1f}s")
+
+    gen = _seed_all(cfg.seed)
+    done, t0 = stage("tokenizer")
+    if not done:
+        tmp = _atomic_dir(out / "tokenizer")
+        write_tokenizer(tmp)
+        _commit_dir(tmp, out / "tokenizer")
+        finish("tokenizer", t0)
+    tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
+
+    need_data = not (out / "clip").exists() or not (out / "sd").exists()
+    images, captions = pretraining_data(cfg.n_images, cfg.seed) if need_data else (None, None)
+
+    done, t0 = stage("clip")
+    if not done:
+        clip = train_clip(images, captions, tokenizer, cfg, gen)
+        tmp = _atomic_dir(out / "clip")
+        clip.save_pretrained(tmp)
+        CLIPProcessor(image_processor=architecture.clip_image_processor(), tokenizer=tokenizer).save_pretrained(tmp)
+        _commit_dir(tmp, out / "clip")
+        finish("clip", t0)
+
+    done, t0 = stage("sd")
+    if not done:
+        text_encoder = CLIPTextModel.from_pretrained(out / "clip").eval()
+        vae = train_vae(images, cfg, gen)
+        timings["sd.vae"] = round(time.time() - t0, 1)
+        unet = train_unet(images, captions, vae, text_encoder, tokenizer, cfg, gen)
+        tmp = _atomic_dir(out / "sd")
+        sd_pipeline(unet, vae, text_encoder, tokenizer).save_pretrained(tmp)
+        _commit_dir(tmp, out / "sd")
+        finish("sd", t0)
+    del images, captions
+
+    done, t0 = stage("preference")
+    if not done:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(out / "sd")
+        pipe.set_progress_bar_config(disable=True)
+        splits = prompts.split_prompts(cfg.seed)
+        tmp = _atomic_dir(out / "preference")
+        for split, n_pairs in cfg.pairs.items():
+            rows = preference_data.generate_pairs(pipe, splits[split], n_pairs, cfg, seed=cfg.seed + hash_split(split))
+            preference_data.write_split(rows, tmp, split)
+        prompts.write_prompt_files(splits, tmp / "prompts")
+        _commit_dir(tmp, out / "preference")
+        finish("preference", t0)
+
+    done, t0 = stage("pickscore")
+    if not done:
+        clip = CLIPModel.from_pretrained(out / "clip")
+        train_rows = preference_data.load_split(out / "preference", "train")
+        clip = train_pickscore(clip, tokenizer, train_rows, cfg, gen)
+        tmp = _atomic_dir(out / "pickscore")
+        clip.save_pretrained(tmp)
+        CLIPProcessor(image_processor=architecture.clip_image_processor(), tokenizer=tokenizer).save_pretrained(tmp)
+        _commit_dir(tmp, out / "pickscore")
+        finish("pickscore", t0)
+
+    t0 = time.time()
+    figures = report.world_report(out, cfg)
+    timings["report"] = round(time.time() - t0, 1)
+    _write_json(out / "timings.json", timings)
+    manifest = dict(format=WORLD_FORMAT, seed=cfg.seed, tiny=cfg.tiny, config=_jsonable(cfg), timings=timings,
+                    figures=figures)
+    _write_json(out / "world.json", manifest)
+    return manifest
+
+
+def hash_split(split: str) -> int:
+    return {"train": 1_000_000, "validation": 2_000_000, "test": 3_000_000}[split]
+
+
+def _jsonable(cfg: BuildConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
