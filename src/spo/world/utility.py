@@ -76,6 +76,23 @@ def _estimate_background(img: np.ndarray, palette: list[np.ndarray]) -> np.ndarr
     return np.median(pixels, axis=0)
 
 
+def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    order = np.argsort(values)
+    cum = np.cumsum(weights[order])
+    return float(values[order][np.searchsorted(cum, cum[-1] / 2)])
+
+
+def _robust_centre(mu: np.ndarray, window: float = 10.0) -> tuple[float, float]:
+    """Mass centre of the membership near its weighted median: stray mass elsewhere (edges of other
+    objects, clutter) does not drag the fitted shape off its object."""
+    ys, xs = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE] + 0.5
+    w = mu.ravel()
+    x0, y0 = _weighted_median(xs.ravel(), w), _weighted_median(ys.ravel(), w)
+    near = mu * ((np.abs(xs - x0) <= window) & (np.abs(ys - y0) <= window))
+    mass = near.sum()
+    return float((near * xs).sum() / mass), float((near * ys).sum() / mass)
+
+
 def _fit_shape(mu: np.ndarray, shape: str, contrast: float) -> tuple[float, float, float, float]:
     """Best (soft IoU, cx, cy, size) of `shape` against membership `mu`, searching sizes on a grid.
 
@@ -85,8 +102,7 @@ def _fit_shape(mu: np.ndarray, shape: str, contrast: float) -> tuple[float, floa
     mass = mu.sum()
     if mass < 1e-6:
         return 0.0, IMAGE_SIZE / 2, IMAGE_SIZE / 2, float(_SIZE_GRID[0])
-    ys, xs = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE] + 0.5
-    mx, my = (mu * xs).sum() / mass, (mu * ys).sum() / mass
+    mx, my = _robust_centre(mu)
     best = (-1.0, mx, my, float(_SIZE_GRID[0]))
     for size in _SIZE_GRID:
         # An up-pointing triangle's mass centre sits a third of its half-height below its box centre.
@@ -132,7 +148,9 @@ def _object_terms(img, mu, color, shape, bg, size_range, position, placed_by_rel
     other = max(fits[s][0] for s in SHAPES if s != shape)
     alpha = scenes.shape_mask(shape, cx, cy, size, _FGX, _FGY)
     colour = _colour_identity(img[alpha > 0.95], color) if mu.sum() > 1 else 0.0
-    shape_score = _flat_then_linear(0.85 - iou, 0.35) * float(np.clip(0.5 + 10 * (iou - other), 0, 1))
+    # Full credit when the named shape fits best; falling off as another shape fits clearly better
+    # (small shapes on a 32 px canvas are hard to tell apart, so a near-tie is not punished).
+    shape_score = _flat_then_linear(0.85 - iou, 0.35) * _flat_then_linear(other - iou, 0.1)
     lo, hi = size_range
     size_score = _flat_then_linear(max(lo - size, size - hi), 2.5)
     extent = EXTENT[shape] * size
