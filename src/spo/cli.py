@@ -34,6 +34,11 @@ def cli() -> None:
       spo world sample    sample images from the world model and score them
       spo world info      print the shipped world's figures
       spo demo            the main job on the embedded default
+
+    \b
+    Step-aware preference model:
+      spo train-spm       train the step-aware preference model on Pick-a-Pic-style pairs
+      spo evaluate-spm    pairwise accuracy per timestep, base CLIP vs SPM
     """
 
 
@@ -88,6 +93,71 @@ def world_sample(world_dir, prompts, num, steps, guidance, seed, out) -> None:
 def demo(out: Path, world_dir: Path | None) -> None:
     """The main job on the embedded default (for now: sample and score the base model)."""
     _sample_and_score(world_dir, [], 32, 20, 5.0, 0, out)
+
+
+@cli.command("train-spm")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="YAML file of SPMTrainConfig fields (see configs/spm_world.yaml).")
+@click.argument("overrides", nargs=-1)
+def train_spm_command(config_path: Path | None, overrides: tuple[str, ...]) -> None:
+    """Train the step-aware preference model. OVERRIDES are key=value config fields.
+
+    \b
+    Paths may start with "world:" to name an artifact of the packaged world, e.g.
+      spo train-spm --config configs/spm_world.yaml max_steps=200 output_dir=runs/spm
+    """
+    from spo.config import load_config
+    from spo.preference.train_spm import SPMTrainConfig, train_spm
+    from spo.world import resolve
+
+    cfg = load_config(SPMTrainConfig, config_path, list(overrides))
+    for name in ("dataset", "diffusion_model", "base", "processor"):
+        setattr(cfg, name, resolve(getattr(cfg, name)))
+    _writable_dir(Path(cfg.output_dir))
+    final = train_spm(cfg, log=lambda m: click.echo(m, err=True))
+    click.echo(f"step-aware preference model saved to {final}")
+
+
+@cli.command("evaluate-spm")
+@click.option("--spm", "spm_dirs", multiple=True, type=click.Path(path_type=Path),
+              help="Trained SPM directory (repeatable). Default: the packaged world's SPM.")
+@click.option("--base", default="world:pickscore", show_default=True, help="CLIP/PickScore used naively on x0-predictions.")
+@click.option("--processor", default="", help="Image processor/tokenizer source for --base (default: --base).")
+@click.option("--dataset", default="world:preference", show_default=True, help="Preference data (Pick-a-Pic schema).")
+@click.option("--split", default="test", show_default=True)
+@click.option("--diffusion-model", default="world:sd", show_default=True)
+@click.option("--timesteps", default="0,250,500,750,950", show_default=True)
+@click.option("--max-pairs", type=click.IntRange(1), default=None)
+@click.option("--guidance", type=float, default=5.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/evaluate-spm"), show_default=True)
+def evaluate_spm_command(spm_dirs, base, processor, dataset, split, diffusion_model, timesteps, max_pairs, guidance,
+                         seed, out) -> None:
+    """Accuracy vs timestep on held-out pairs: the base model used naively, and each SPM."""
+    from spo.models import Diffusion, load_pipeline
+    from spo.preference.data import load_preference_dataset
+    from spo.preference.evaluate_spm import evaluate_spm, write_report
+    from spo.preference.spm import StepAwareCLIP
+    from spo.world import resolve
+
+    try:
+        ts = [int(t) for t in timesteps.split(",") if t.strip()]
+    except ValueError:
+        raise SPOError(f"--timesteps must be comma-separated integers, got {timesteps!r}") from None
+    out = _writable_dir(out)
+    diffusion = Diffusion(load_pipeline(resolve(diffusion_model)))
+    if any(not 0 <= t < diffusion.scheduler.config.num_train_timesteps for t in ts):
+        raise SPOError(f"--timesteps must lie in [0, {diffusion.scheduler.config.num_train_timesteps})")
+    models = {"base (naive)": StepAwareCLIP.from_base(resolve(base), resolve(processor) or None, time_conditioned=False)}
+    for d in spm_dirs or [resolve("world:spm")]:
+        models[f"SPM {Path(d).name}" if len(spm_dirs) > 1 else "SPM"] = StepAwareCLIP.from_pretrained(resolve(str(d)))
+    for m in models.values():
+        m.eval()
+    ds = load_preference_dataset(resolve(dataset), split)
+    result = evaluate_spm(models, diffusion, ds, ts, guidance=guidance, seed=seed, max_pairs=max_pairs)
+    paths = write_report(result, out)
+    click.echo(paths["md"].read_text())
+    click.echo(f"table: {paths['md']}\nplot: {paths['png']}")
 
 
 def _sample_and_score(world_dir, prompts, num, steps, guidance, seed, out) -> None:

@@ -9,12 +9,19 @@ from pathlib import Path
 
 from spo.errors import SPOError
 
-REQUIRED = ("tokenizer", "clip", "sd", "preference", "pickscore")
+REQUIRED = ("tokenizer", "clip", "sd", "preference", "pickscore")  # spm is added by `spo train-spm`
 
 
 def default_world_dir() -> Path:
     """The world shipped inside the package (built by `spo world build`)."""
     return Path(str(resources.files("spo") / "assets" / "world"))
+
+
+def resolve(value: str) -> str:
+    """"world:NAME" -> the path of artifact NAME in the packaged world; anything else unchanged."""
+    if isinstance(value, str) and value.startswith("world:"):
+        return str(default_world_dir() / value[len("world:"):])
+    return value
 
 
 def open_world(path: str | Path | None = None) -> Path:
@@ -38,12 +45,9 @@ def open_world(path: str | Path | None = None) -> Path:
 
 def load_pipeline(world: Path):
     """The world's StableDiffusionPipeline, loaded exactly as a hub checkpoint would be."""
-    from diffusers import StableDiffusionPipeline
+    from spo.models import load_pipeline as load_sd
 
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(world / "sd")
-    except Exception as exc:  # diffusers raises many types for corrupt folders
-        raise SPOError(f"could not load the diffusion model in {world / 'sd'} ({type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0][:200]}); rebuild with `spo world build --out {world} --force`") from None
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+        return load_sd(world / "sd")
+    except SPOError as exc:
+        raise SPOError(f"{exc}; rebuild with `spo world build --out {world} --force`") from None

@@ -1,0 +1,95 @@
+"""Typed configs: dataclasses loaded from YAML, with `key=value` overrides, validated on load."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+from spo.errors import SPOError
+
+
+def _coerce(name: str, value, annotation):
+    """Convert a YAML/CLI value to the field's declared type, or raise SPOError naming the field."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(name, value, inner[0])
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise SPOError(f"config field {name!r} expects a list, got {value!r}")
+        item = args[0] if args else str
+        return origin(_coerce(name, v, item) for v in value)
+    try:
+        if annotation is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes", "on"):
+                    return True
+                if value.lower() in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if annotation in (int, float, str):
+            if annotation is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return annotation(value)
+    except (TypeError, ValueError):
+        raise SPOError(f"config field {name!r} expects {annotation.__name__}, got {value!r}") from None
+    return value
+
+
+def from_dict(cls, data: dict, where: str = "config"):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise SPOError(f"unknown {where} field(s): {', '.join(unknown)}; known fields: {', '.join(sorted(names))}")
+    values = {k: _coerce(k, v, hints[k]) for k, v in data.items()}
+    try:
+        cfg = cls(**values)
+    except TypeError as exc:
+        raise SPOError(f"{where}: {exc}") from None
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SPOError(f"override {pair!r} is not of the form key=value")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return out
+
+
+def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None):
+    """Dataclass `cls` from a YAML file (optional) updated by `key=value` overrides."""
+    data = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SPOError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise SPOError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise SPOError(f"config file {path} must hold a mapping of field: value")
+    data.update(parse_overrides(overrides or []))
+    return from_dict(cls, data, where=str(path) if path else "config")
+
+
+def save_config(cfg, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
