@@ -16,3 +16,23 @@ def tiny_world(tmp_path_factory):
     result = CliRunner().invoke(cli, ["world", "build", "--tiny", "--out", str(out)])
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_spm(tiny_world, tmp_path_factory):
+    """A step-aware preference model for the tiny world, from one `spo train-spm` step."""
+    from spo.cli import cli
+
+    out = tmp_path_factory.mktemp("spm")
+    result = CliRunner().invoke(cli, [
+        "train-spm", f"dataset={tiny_world / 'preference'}", f"diffusion_model={tiny_world / 'sd'}",
+        f"base={tiny_world / 'pickscore'}", f"output_dir={out}", "max_steps=1", "batch_size=4", "report_to=none"])
+    assert result.exit_code == 0, result.output
+    return out / "spm"
+
+
+def tiny_spo_args(world, spm, out, *extra):
+    """`spo train` overrides for a seconds-long run on the tiny world."""
+    return [f"model.pretrained={world / 'sd'}", f"model.spm={spm}", "sample.num_steps=4", "sample.divert_start_step=1",
+            "sample.batch_size=2", "sample.threshold=0", "train.batch_size=2", "train.num_epochs=2",
+            "train.learning_rate=1e-2", f"log.output_dir={out}", "log.report_to=none", *extra]

@@ -33,7 +33,12 @@ def cli() -> None:
       spo world build     rebuild every world artifact from a seed
       spo world sample    sample images from the world model and score them
       spo world info      print the shipped world's figures
-      spo demo            the main job on the embedded default
+      spo demo            the main job: SPO on the world, then base vs tuned report
+
+    \b
+    SPO:
+      spo train           post-train a diffusion model with SPO (LoRA or full)
+      spo generate        images for prompts, base and tuned side by side
 
     \b
     Step-aware preference model:
@@ -89,10 +94,22 @@ def world_sample(world_dir, prompts, num, steps, guidance, seed, out) -> None:
 
 @cli.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True)
-@click.option("--world", "world_dir", type=click.Path(path_type=Path), default=None, help="World directory.")
-def demo(out: Path, world_dir: Path | None) -> None:
-    """The main job on the embedded default (for now: sample and score the base model)."""
-    _sample_and_score(world_dir, [], 32, 20, 5.0, 0, out)
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=Path("configs/world.yaml"),
+              show_default=True, help="SPO recipe for the embedded world.")
+@click.option("--prompts", "n_prompts", type=click.IntRange(8), default=128, show_default=True,
+              help="Held-out prompts to evaluate on.")
+@click.argument("overrides", nargs=-1)
+def demo(out: Path, config_path: Path, n_prompts: int, overrides: tuple[str, ...]) -> None:
+    """The main job on the embedded default: SPO on the world, then base vs tuned on held-out prompts."""
+    from spo.demo import run_demo
+
+    out = _writable_dir(out)
+    report = run_demo(out, config_path, n_prompts, list(overrides), log=lambda m: click.echo(m, err=True))
+    click.echo((out / "report.md").read_text())
+    u = report["utility"]
+    click.echo(f"ground-truth utility {u['before']:.3f} -> {u['after']:.3f} "
+               f"(paired diff {u['diff']:+.3f}, 95% CI [{u['diff_ci95'][0]:+.3f}, {u['diff_ci95'][1]:+.3f}], "
+               f"win rate {u['win_rate']:.2f})\nreport: {out / 'report.md'}")
 
 
 @cli.command("train-spm")
@@ -158,6 +175,73 @@ def evaluate_spm_command(spm_dirs, base, processor, dataset, split, diffusion_mo
     paths = write_report(result, out)
     click.echo(paths["md"].read_text())
     click.echo(f"table: {paths['md']}\nplot: {paths['png']}")
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="YAML recipe (configs/world.yaml, configs/sd15.yaml).")
+@click.option("--resume", default="", help='Continue a run: a checkpoint dir, or "latest" in log.output_dir.')
+@click.option("--overwrite", is_flag=True, help="Replace a run already in log.output_dir.")
+@click.argument("overrides", nargs=-1)
+def train(config_path: Path | None, resume: str, overwrite: bool, overrides: tuple[str, ...]) -> None:
+    """Post-train with SPO. OVERRIDES are dotted key=value config fields, e.g. sample.num_candidates=4."""
+    from spo.config import load_config
+    from spo.trainer import SPOConfig, SPOTrainer
+
+    cfg = load_config(SPOConfig, config_path, list(overrides))
+    _writable_dir(Path(cfg.log.output_dir).parent)
+    out = SPOTrainer(cfg, overwrite=overwrite, resume=resume, log=lambda m: click.echo(m, err=True)).setup().train()
+    click.echo(f"trained weights: {out}\nmetrics: {Path(cfg.log.output_dir) / 'metrics.jsonl'}\n"
+               f"curves: {Path(cfg.log.output_dir) / 'curves.png'}")
+
+
+@cli.command()
+@click.option("--pretrained", default="world:sd", show_default=True, help="Base pipeline (hub id, dir, world:sd).")
+@click.option("--lora", "loras", multiple=True, type=click.Path(path_type=Path),
+              help="LoRA (or full-pipeline) output dir of `spo train`; repeatable.")
+@click.option("--no-base", is_flag=True, help="Do not include the base model.")
+@click.option("--prompt", "prompt_texts", multiple=True, help="Prompt (repeatable).")
+@click.option("--prompts", "prompt_file", default=None, help="Prompt file or set (txt/json/jsonl/csv, world:test, spo:4k).")
+@click.option("-n", "--num", type=click.IntRange(1), default=None, help="Use only the first N prompts.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option("--guidance", type=float, default=5.0, show_default=True)
+@click.option("--eta", type=float, default=0.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/generate"), show_default=True)
+def generate(pretrained, loras, no_base, prompt_texts, prompt_file, num, steps, guidance, eta, seed, out) -> None:
+    """Images for prompts from each model with the same seeds, and a captioned side-by-side grid."""
+    from PIL import Image
+
+    from spo.generation import generate as gen_images
+    from spo.generation import load_model
+    from spo.plots import captioned_grid
+    from spo.prompts import load_prompts
+    from spo.world import resolve
+    from spo.world.scenes import to_uint8
+
+    prompts = list(prompt_texts) + (load_prompts(prompt_file) if prompt_file else [])
+    if not prompts:
+        raise SPOError("give prompts with --prompt TEXT or --prompts FILE")
+    prompts = prompts[:num] if num else prompts
+    models = ([("base", None)] if not no_base else []) + [(Path(l).name or str(l), l) for l in loras]
+    if not models:
+        raise SPOError("nothing to generate: --no-base without --lora")
+    out = _writable_dir(out)
+    rows, labels = [], []
+    for name, lora in models:
+        pipe = load_model(pretrained, lora)
+        images = gen_images(pipe, prompts, seed, steps, guidance, eta, desc=name)
+        (out / name).mkdir(exist_ok=True)
+        for i, img in enumerate(images):
+            Image.fromarray(to_uint8(img)).save(out / name / f"{i:04d}.png")
+        rows.append(images)
+        labels += [f"{name}: {p}" for p in prompts]
+    cols = len(prompts) if len(prompts) <= 8 else 8
+    grid_images = [img for row in rows for img in row[:cols]]
+    grid_labels = [lab for k in range(len(rows)) for lab in labels[k * len(prompts) : k * len(prompts) + cols]]
+    grid = captioned_grid(grid_images, grid_labels, out / "grid.png", cols=cols,
+                          title=f"rows: {', '.join(n for n, _ in models)}; seeds {seed}+i; DDIM {steps}, CFG {guidance:g}")
+    click.echo(f"images: {out}/<model>/NNNN.png\ngrid: {grid}")
 
 
 def _sample_and_score(world_dir, prompts, num, steps, guidance, seed, out) -> None:

@@ -48,13 +48,22 @@ def _coerce(name: str, value, annotation):
     return value
 
 
-def from_dict(cls, data: dict, where: str = "config"):
+def from_dict(cls, data: dict, where: str = "config", prefix: str = ""):
+    """Build dataclass `cls` from a (nested) dict; nested dataclass fields take sub-dicts."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise SPOError(f"unknown {where} field(s): {', '.join(unknown)}; known fields: {', '.join(sorted(names))}")
-    values = {k: _coerce(k, v, hints[k]) for k, v in data.items()}
+        raise SPOError(f"unknown {where} field(s): {', '.join(prefix + u for u in unknown)}; "
+                       f"known fields: {', '.join(sorted(prefix + n for n in names))}")
+    values = {}
+    for k, v in data.items():
+        if dataclasses.is_dataclass(hints[k]):
+            if not isinstance(v, dict):
+                raise SPOError(f"config field {prefix + k!r} is a group; give its fields ({prefix + k}.NAME=...)")
+            values[k] = from_dict(hints[k], v, where, prefix=f"{prefix}{k}.")
+        else:
+            values[k] = _coerce(prefix + k, v, hints[k])
     try:
         cfg = cls(**values)
     except TypeError as exc:
@@ -65,12 +74,24 @@ def from_dict(cls, data: dict, where: str = "config"):
 
 
 def parse_overrides(pairs: list[str]) -> dict:
-    out = {}
+    """["a.b=1", "c=x"] -> {"a": {"b": 1}, "c": "x"}."""
+    out: dict = {}
     for pair in pairs:
         if "=" not in pair:
             raise SPOError(f"override {pair!r} is not of the form key=value")
         key, value = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        *groups, leaf = key.strip().split(".")
+        node = out
+        for g in groups:
+            node = node.setdefault(g, {})
+        node[leaf] = yaml.safe_load(value) if value.strip() else ""
+    return out
+
+
+def merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -87,9 +108,22 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
             raise SPOError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise SPOError(f"config file {path} must hold a mapping of field: value")
-    data.update(parse_overrides(overrides or []))
+    data = merge(data, parse_overrides(overrides or []))
     return from_dict(cls, data, where=str(path) if path else "config")
 
 
 def save_config(cfg, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(to_plain(cfg), sort_keys=False))
+
+
+def to_plain(cfg) -> dict:
+    """Dataclass -> dict of YAML-safe values (tuples become lists)."""
+    return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(cfg))))
+
+
+def _plain(v):
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v

@@ -37,6 +37,16 @@ def load_pipeline(path_or_id: str | Path, dtype: torch.dtype | None = None):
     return pipe
 
 
+def guided_output(unet, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+                  guidance: float) -> torch.Tensor:
+    """One UNet call on the doubled batch, combined with classifier-free guidance."""
+    if guidance == 1.0:
+        return unet(x_t, t, cond).sample
+    both = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond])).sample
+    out_uncond, out_cond = both.chunk(2)
+    return out_uncond + guidance * (out_cond - out_uncond)
+
+
 @dataclass
 class Diffusion:
     """A frozen-or-trainable SD-family model seen through the operations SPM and SPO need."""
@@ -69,14 +79,8 @@ class Diffusion:
         cond, uncond = self.pipe.encode_prompt(list(prompts), self.device, 1, True, negative_prompt=None)
         return cond, uncond
 
-    def guided_output(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
-                      guidance: float) -> torch.Tensor:
-        """One UNet call on the doubled batch, combined with classifier-free guidance."""
-        if guidance == 1.0:
-            return self.unet(x_t, t, cond).sample
-        both = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond])).sample
-        out_uncond, out_cond = both.chunk(2)
-        return out_uncond + guidance * (out_cond - out_uncond)
+    def guided_output(self, x_t, t, cond, uncond, guidance: float) -> torch.Tensor:
+        return guided_output(self.unet, x_t, t, cond, uncond, guidance)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:

@@ -34,3 +34,34 @@ def captioned_grid(images, captions: list[str], path: str | Path, cols: int = 8,
     canvas.save(tmp)
     tmp.replace(path)
     return path
+
+
+def training_curves(metrics_jsonl: str | Path, path: str | Path,
+                    keys=("loss", "reward_accuracy", "fraction_kept", "spm_score", "ratio_win", "pairs_per_s")) -> Path | None:
+    """One small panel per metric against epoch, from a trainer's metrics.jsonl."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics_jsonl = Path(metrics_jsonl)
+    if not metrics_jsonl.exists():
+        return None
+    rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+    keys = [k for k in keys if any(k in r for r in rows)]
+    if not rows or not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        xs = [r["epoch"] for r in rows if key in r]
+        ax.plot(xs, [r[key] for r in rows if key in r], marker=".")
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

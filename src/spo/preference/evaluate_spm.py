@@ -64,12 +64,12 @@ def _all_in_world_grammar(captions) -> bool:
 
 
 def _utilities(images: torch.Tensor, captions: list[str]) -> list[float]:
-    from spo.world.utility import utility
+    from spo.world.build import utilities
 
     arr = ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
     if arr.shape[1] != 32:
         return [float("nan")] * len(captions)
-    return [utility(a, c) for a, c in zip(arr, captions)]
+    return utilities(arr, captions).tolist()
 
 
 def write_report(result: dict, out: Path, title: str = "Preference accuracy vs timestep") -> dict[str, Path]:

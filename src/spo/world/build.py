@@ -239,18 +239,14 @@ def sd_pipeline(unet, vae, text_encoder, tokenizer):
     )
 
 
-@torch.no_grad()
 def sample_images(pipe, captions: list[str], guidance: float, steps: int, eta: float, seed: int,
                   batch: int = 64, desc: str = "sample") -> np.ndarray:
-    """float HxWx3 images in [0, 1] from a diffusers pipeline, reproducible from `seed`."""
-    out = []
-    for start in tqdm(range(0, len(captions), batch), desc=desc, leave=False):
-        chunk = captions[start : start + batch]
-        gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
-        result = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, eta=eta, generator=gens,
-                      output_type="np")
-        out.append(result.images)
-    return np.concatenate(out) if out else np.zeros((0, scenes.IMAGE_SIZE, scenes.IMAGE_SIZE, 3), np.float32)
+    """Images for the world's captions (see `spo.generation.generate`)."""
+    from spo.generation import generate
+
+    if not captions:
+        return np.zeros((0, scenes.IMAGE_SIZE, scenes.IMAGE_SIZE, 3), np.float32)
+    return generate(pipe, captions, seed, steps, guidance, eta, batch=batch, desc=desc)
 
 
 def _utility_chunk(args):

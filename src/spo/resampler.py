@@ -1,0 +1,139 @@
+"""The step-wise resampler: sample trajectories and collect one win/lose pair per diverted step.
+
+Ordinary DDIM sampling (eta > 0, so each step is a Gaussian transition) up to `divert_start_step`;
+from there, at every step, K candidates x_{t-1} are drawn from the same x_t and scored by the
+step-aware preference model through the next step's x0-prediction (that UNet call is kept and
+reused to continue the trajectory). The best and the worst candidate form a pair if their
+softmax-normalised score gap exceeds `threshold`; the trajectory then continues from a candidate
+chosen uniformly at random, so the next pair is independent of this one. At the last step the
+candidates are final latents and are scored as decoded images at t=0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from spo.sampling import ddim_transition, predict_x0
+
+
+@dataclass
+class Pairs:
+    """Win/lose transitions that share x_t, t and prompt (all tensors on CPU)."""
+
+    x_t: torch.Tensor  # (N, C, H, W)
+    timesteps: torch.Tensor  # (N,)
+    win: torch.Tensor  # (N, C, H, W) the preferred x_{t-1}
+    lose: torch.Tensor  # (N, C, H, W)
+    prompt_index: torch.Tensor  # (N,) index into the prompt list given to `resample`
+    step_index: torch.Tensor  # (N,) position of t in the sampling schedule
+    gap: torch.Tensor  # (N,) softmax score gap of the pair
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    @staticmethod
+    def cat(parts: list["Pairs"]) -> "Pairs":
+        names = Pairs.__dataclass_fields__
+        return Pairs(**{n: torch.cat([getattr(p, n) for p in parts]) for n in names})
+
+    def select(self, index: torch.Tensor) -> "Pairs":
+        return Pairs(**{n: getattr(self, n)[index] for n in Pairs.__dataclass_fields__})
+
+
+@dataclass
+class StepStats:
+    """Per diverted step: how many candidate sets were scored, pairs kept, gaps and scores."""
+
+    step_index: int
+    timestep: int
+    candidates: int = 0
+    kept: int = 0
+    gap_sum: float = 0.0
+    score_sum: float = 0.0
+    chosen_rank_counts: list = field(default_factory=list)  # how often the continuation was the r-th best
+
+
+@dataclass
+class ResampleResult:
+    pairs: Pairs
+    final_latents: torch.Tensor
+    stats: list[StepStats] = field(default_factory=list)
+
+
+def _score_candidates(diffusion, spm, candidates, t_next, cond, uncond, guidance, captions):
+    """SPM logits of candidates via the x0-prediction at t_next; also returns the reusable UNet output."""
+    if t_next is None:  # final step: the candidates are clean latents
+        images, out, t_score = diffusion.decode(candidates), None, 0
+    else:
+        tb = torch.full((len(candidates),), int(t_next), device=candidates.device, dtype=torch.long)
+        out = diffusion.guided_output(candidates, tb, cond, uncond, guidance)
+        images = diffusion.decode(predict_x0(diffusion.scheduler, candidates, out, tb))
+        t_score = int(t_next)
+    spm_device = next(spm.parameters()).device
+    t_spm = torch.full((len(candidates),), t_score, device=spm_device, dtype=torch.long)
+    return spm(images.to(spm_device), captions, t_spm).float().to(candidates.device), out
+
+
+@torch.no_grad()
+def resample(diffusion, spm, prompts: list[str], num_steps: int, guidance: float, eta: float,
+             num_candidates: int, threshold: float, divert_start_step: int,
+             generator: torch.Generator) -> ResampleResult:
+    """Run the step-wise resampler for one batch of prompts; see the module docstring."""
+    sched = diffusion.scheduler
+    sched.set_timesteps(num_steps)
+    timesteps = sched.timesteps.tolist()
+    device, b, k = diffusion.device, len(prompts), num_candidates
+    cond, uncond = diffusion.encode_prompts(prompts)
+    cond_k, uncond_k = cond.repeat_interleave(k, 0), uncond.repeat_interleave(k, 0)
+    captions_k = [p for p in prompts for _ in range(k)]
+    unet = diffusion.unet
+    shape = (b, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    x = (torch.randn(shape, generator=generator) * sched.init_noise_sigma).to(device, cond.dtype)
+
+    def model_out(latents, t):
+        tb = torch.full((len(latents),), int(t), device=device, dtype=torch.long)
+        return diffusion.guided_output(latents, tb, cond, uncond, guidance)
+
+    out = model_out(x, timesteps[0])
+    found, stats = [], []
+    rows = torch.arange(b)
+    for i, t in enumerate(timesteps):
+        t_next = timesteps[i + 1] if i + 1 < len(timesteps) else None
+        tb = torch.full((b,), int(t), device=device, dtype=torch.long)
+        mean, std, _ = ddim_transition(sched, out, tb, x, eta)
+        if i < divert_start_step:
+            noise = torch.randn(x.shape, generator=generator).to(device)
+            x = (mean + std * noise).to(x.dtype)
+            if t_next is not None:
+                out = model_out(x, t_next)
+            continue
+        noise = torch.randn((b, k, *x.shape[1:]), generator=generator).to(device)
+        cands = (mean[:, None] + std[:, None] * noise).to(x.dtype)  # (B, K, C, H, W)
+        flat = cands.reshape(b * k, *x.shape[1:])
+        scores, cand_out = _score_candidates(diffusion, spm, flat, t_next, cond_k, uncond_k, guidance, captions_k)
+        scores = scores.view(b, k)
+        probs = scores.softmax(-1)
+        best, worst = scores.argmax(-1), scores.argmin(-1)
+        gap = probs.max(-1).values - probs.min(-1).values
+        keep = (gap > threshold).cpu()
+        st = StepStats(i, int(t), candidates=b, kept=int(keep.sum()), gap_sum=float(gap.sum()),
+                       score_sum=float(scores.mean(-1).sum()))
+        stats.append(st)
+        if keep.any():
+            idx = rows[keep]
+            found.append(Pairs(
+                x_t=x[idx].cpu(), timesteps=torch.full((len(idx),), int(t)), win=cands[idx, best[idx]].cpu(),
+                lose=cands[idx, worst[idx]].cpu(), prompt_index=idx.clone(), step_index=torch.full((len(idx),), i),
+                gap=gap[idx].cpu()))
+        choice = torch.randint(k, (b,), generator=generator)
+        ranks = (scores > scores[rows, choice.to(scores.device)][:, None]).sum(-1).cpu()
+        st.chosen_rank_counts = torch.bincount(ranks, minlength=k).tolist()
+        x = cands[rows, choice]
+        if t_next is not None:
+            out = cand_out.view(b, k, *x.shape[1:])[rows, choice]
+    empty = Pairs(*(torch.zeros((0, *x.shape[1:])),) * 1, torch.zeros(0, dtype=torch.long),
+                  torch.zeros((0, *x.shape[1:])), torch.zeros((0, *x.shape[1:])), torch.zeros(0, dtype=torch.long),
+                  torch.zeros(0, dtype=torch.long), torch.zeros(0))
+    return ResampleResult(Pairs.cat(found) if found else empty, x, stats)
