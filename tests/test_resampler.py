@@ -25,9 +25,10 @@ def diffusion(tiny_world):
     return Diffusion(load_pipeline(tiny_world / "sd"))
 
 
-def _run(diffusion, spm, prompts, threshold=0.0, k=4, steps=6, divert=2, seed=0):
+def _run(diffusion, spm, prompts, threshold=0.0, k=4, steps=6, divert=2, seed=0, inner=0):
     return resample(diffusion, spm, prompts, num_steps=steps, guidance=5.0, eta=1.0, num_candidates=k,
-                    threshold=threshold, divert_start_step=divert, generator=torch.Generator().manual_seed(seed))
+                    threshold=threshold, divert_start_step=divert, generator=torch.Generator().manual_seed(seed),
+                    inner_steps=inner)
 
 
 def test_pairs_come_from_diverted_steps_and_share_x_t(diffusion):
@@ -80,3 +81,18 @@ def test_same_generator_gives_the_same_pairs(diffusion):
     b = _run(diffusion, FakeSPM(), ["a red circle", "a blue square"], seed=3)
     torch.testing.assert_close(a.pairs.win, b.pairs.win)
     torch.testing.assert_close(a.final_latents, b.final_latents)
+
+
+def test_inner_steps_keep_every_transition_of_the_best_and_worst_chains(diffusion):
+    result = _run(diffusion, FakeSPM(), ["a red circle", "a blue square"], steps=6, divert=1, inner=1)
+    p = result.pairs
+    assert [s.step_index for s in result.stats] == [1, 3, 5]  # branch every 2 steps
+    assert len(p) == 2 * 5  # every diverted transition of both prompts
+    assert int(p.shared.sum()) == 2 * 3  # only the first transition of a chain shares x_t
+    assert torch.equal(p.x_t[p.shared], p.x_t_lose[p.shared])
+    for prompt in (0, 1):
+        rows = (p.prompt_index == prompt).nonzero().flatten()
+        by_step = {int(p.step_index[r]): r for r in rows}
+        for first, second in ((1, 2), (3, 4)):  # the chain continues from its own previous state
+            assert torch.equal(p.x_t[by_step[second]], p.win[by_step[first]])
+            assert torch.equal(p.x_t_lose[by_step[second]], p.lose[by_step[first]])

@@ -74,6 +74,19 @@ def test_shared_forward_loss_and_gradients_equal_the_two_forward_computation(tin
         torch.testing.assert_close(g1, p.grad, rtol=1e-3, atol=1e-4 * p.grad.abs().max().item())
 
 
+def test_inner_steps_training_runs_and_uses_separate_lose_states(tiny_world, tiny_spm, tmp_path):
+    from spo.trainer import transition_inputs
+
+    tr = _trainer(tiny_world, tiny_spm, tmp_path / "inner", "sample.inner_steps=1", "train.num_epochs=1")
+    pairs, _, prompts = tr.sample_epoch(0)
+    assert (~pairs.shared).any()
+    cond, uncond = tr.diffusion.encode_prompts([prompts[i] for i in pairs.prompt_index.tolist()])
+    x, t, c, _, extra = transition_inputs(pairs, cond, uncond)
+    assert len(x) == len(pairs) + int((~pairs.shared).sum()) == len(c)
+    tr.train()
+    assert (tmp_path / "inner" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
 def test_reference_with_adapters_disabled_equals_the_base_unet(tiny_world, tiny_spm, tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -229,3 +242,26 @@ def test_two_process_run_ends_with_identical_weights_and_resumes_in_one_process(
                                       "--resume", "latest"])
     assert result.exit_code == 0, result.output
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_non_finite_losses_are_skipped_counted_and_abort_when_they_persist(tiny_world, tiny_spm, tmp_path, monkeypatch):
+    import spo.trainer as trainer_module
+
+    real = trainer_module.pair_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(*a, **k):
+        loss, info = real(*a, **k)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 1 else loss), info
+
+    monkeypatch.setattr(trainer_module, "pair_loss", sometimes_nan)
+    tr = _trainer(tiny_world, tiny_spm, tmp_path / "one", "train.num_epochs=1")
+    tr.train()
+    rows = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["nonfinite_skipped"] == 1 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+    monkeypatch.setattr(trainer_module, "pair_loss", lambda *a, **k: (torch.tensor(float("inf")), {}))
+    tr = _trainer(tiny_world, tiny_spm, tmp_path / "all", "train.num_epochs=1", "train.max_nonfinite_in_a_row=2")
+    with pytest.raises(SPOError, match="non-finite losses in a row"):
+        tr.train()

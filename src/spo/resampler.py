@@ -22,13 +22,21 @@ from spo.sampling import ddim_transition, predict_x0
 class Pairs:
     """Win/lose transitions that share x_t, t and prompt (all tensors on CPU)."""
 
-    x_t: torch.Tensor  # (N, C, H, W)
+    x_t: torch.Tensor  # (N, C, H, W) the state the preferred transition starts from
     timesteps: torch.Tensor  # (N,)
     win: torch.Tensor  # (N, C, H, W) the preferred x_{t-1}
     lose: torch.Tensor  # (N, C, H, W)
     prompt_index: torch.Tensor  # (N,) index into the prompt list given to `resample`
     step_index: torch.Tensor  # (N,) position of t in the sampling schedule
     gap: torch.Tensor  # (N,) softmax score gap of the pair
+    x_t_lose: torch.Tensor | None = None  # (N, C, H, W) start of the lose transition; None = x_t for all
+    shared: torch.Tensor | None = None  # (N,) bool: the lose transition starts from x_t too
+
+    def __post_init__(self) -> None:
+        if self.x_t_lose is None:
+            self.x_t_lose = self.x_t
+        if self.shared is None:
+            self.shared = torch.ones(len(self.timesteps), dtype=torch.bool)
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -40,6 +48,9 @@ class Pairs:
 
     def select(self, index: torch.Tensor) -> "Pairs":
         return Pairs(**{n: getattr(self, n)[index] for n in Pairs.__dataclass_fields__})
+
+    def to(self, device) -> "Pairs":
+        return Pairs(**{n: getattr(self, n).to(device) for n in Pairs.__dataclass_fields__})
 
 
 @dataclass
@@ -79,7 +90,7 @@ def _score_candidates(diffusion, spm, candidates, t_next, cond, uncond, guidance
 @torch.no_grad()
 def resample(diffusion, spm, prompts: list[str], num_steps: int, guidance: float, eta: float,
              num_candidates: int, threshold: float, divert_start_step: int,
-             generator: torch.Generator) -> ResampleResult:
+             generator: torch.Generator, inner_steps: int = 0) -> ResampleResult:
     """Run the step-wise resampler for one batch of prompts; see the module docstring."""
     sched = diffusion.scheduler
     sched.set_timesteps(num_steps)
@@ -92,48 +103,67 @@ def resample(diffusion, spm, prompts: list[str], num_steps: int, guidance: float
     shape = (b, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     x = (torch.randn(shape, generator=generator) * sched.init_noise_sigma).to(device, cond.dtype)
 
-    def model_out(latents, t):
+    def model_out(latents, t, c, u):
         tb = torch.full((len(latents),), int(t), device=device, dtype=torch.long)
-        return diffusion.guided_output(latents, tb, cond, uncond, guidance)
+        return diffusion.guided_output(latents, tb, c, u, guidance)
 
-    out = model_out(x, timesteps[0])
+    def transition(latents, out, t):
+        tb = torch.full((len(latents),), int(t), device=device, dtype=torch.long)
+        mean, std, _ = ddim_transition(sched, out, tb, latents, eta)
+        return mean, std
+
+    def noise_like(latents):
+        return torch.randn(latents.shape, generator=generator).to(device)
+
+    out = model_out(x, timesteps[0], cond, uncond)
     found, stats = [], []
     rows = torch.arange(b)
-    for i, t in enumerate(timesteps):
-        t_next = timesteps[i + 1] if i + 1 < len(timesteps) else None
-        tb = torch.full((b,), int(t), device=device, dtype=torch.long)
-        mean, std, _ = ddim_transition(sched, out, tb, x, eta)
+    i = 0
+    while i < len(timesteps):
         if i < divert_start_step:
-            noise = torch.randn(x.shape, generator=generator).to(device)
-            x = (mean + std * noise).to(x.dtype)
-            if t_next is not None:
-                out = model_out(x, t_next)
+            mean, std = transition(x, out, timesteps[i])
+            x = (mean + std * noise_like(x)).to(x.dtype)
+            if i + 1 < len(timesteps):
+                out = model_out(x, timesteps[i + 1], cond, uncond)
+            i += 1
             continue
+        span = min(inner_steps + 1, len(timesteps) - i)
+        mean, std = transition(x, out, timesteps[i])
         noise = torch.randn((b, k, *x.shape[1:]), generator=generator).to(device)
-        cands = (mean[:, None] + std[:, None] * noise).to(x.dtype)  # (B, K, C, H, W)
-        flat = cands.reshape(b * k, *x.shape[1:])
-        scores, cand_out = _score_candidates(diffusion, spm, flat, t_next, cond_k, uncond_k, guidance, captions_k)
+        cur = (mean[:, None] + std[:, None] * noise).to(x.dtype).reshape(b * k, *x.shape[1:])
+        chain = [x.repeat_interleave(k, 0), cur]  # states along each candidate's rollout
+        for j in range(1, span):
+            m, sd = transition(cur, model_out(cur, timesteps[i + j], cond_k, uncond_k), timesteps[i + j])
+            cur = (m + sd * noise_like(cur)).to(x.dtype)
+            chain.append(cur)
+        t_next = timesteps[i + span] if i + span < len(timesteps) else None
+        scores, cand_out = _score_candidates(diffusion, spm, cur, t_next, cond_k, uncond_k, guidance, captions_k)
         scores = scores.view(b, k)
         probs = scores.softmax(-1)
         best, worst = scores.argmax(-1), scores.argmin(-1)
         gap = probs.max(-1).values - probs.min(-1).values
         keep = (gap > threshold).cpu()
-        st = StepStats(i, int(t), candidates=b, kept=int(keep.sum()), gap_sum=float(gap.sum()),
+        st = StepStats(i, int(timesteps[i]), candidates=b, kept=int(keep.sum()), gap_sum=float(gap.sum()),
                        score_sum=float(scores.mean(-1).sum()))
         stats.append(st)
         if keep.any():
             idx = rows[keep]
-            found.append(Pairs(
-                x_t=x[idx].cpu(), timesteps=torch.full((len(idx),), int(t)), win=cands[idx, best[idx]].cpu(),
-                lose=cands[idx, worst[idx]].cpu(), prompt_index=idx.clone(), step_index=torch.full((len(idx),), i),
-                gap=gap[idx].cpu()))
+            w, l = idx * k + best[idx].cpu(), idx * k + worst[idx].cpu()
+            for j in range(span):
+                found.append(Pairs(
+                    x_t=chain[j][w].cpu(), timesteps=torch.full((len(idx),), int(timesteps[i + j])),
+                    win=chain[j + 1][w].cpu(), lose=chain[j + 1][l].cpu(), prompt_index=idx.clone(),
+                    step_index=torch.full((len(idx),), i + j), gap=gap[idx].cpu(), x_t_lose=chain[j][l].cpu(),
+                    shared=torch.full((len(idx),), j == 0)))
         choice = torch.randint(k, (b,), generator=generator)
         ranks = (scores > scores[rows, choice.to(scores.device)][:, None]).sum(-1).cpu()
         st.chosen_rank_counts = torch.bincount(ranks, minlength=k).tolist()
-        x = cands[rows, choice]
+        x = cur.view(b, k, *x.shape[1:])[rows, choice]
         if t_next is not None:
             out = cand_out.view(b, k, *x.shape[1:])[rows, choice]
-    empty = Pairs(*(torch.zeros((0, *x.shape[1:])),) * 1, torch.zeros(0, dtype=torch.long),
-                  torch.zeros((0, *x.shape[1:])), torch.zeros((0, *x.shape[1:])), torch.zeros(0, dtype=torch.long),
-                  torch.zeros(0, dtype=torch.long), torch.zeros(0))
-    return ResampleResult(Pairs.cat(found) if found else empty, x, stats)
+        i += span
+    if not found:
+        zeros = torch.zeros((0, *x.shape[1:]))
+        none = torch.zeros(0, dtype=torch.long)
+        return ResampleResult(Pairs(zeros, none, zeros, zeros, none, none, torch.zeros(0)), x, stats)
+    return ResampleResult(Pairs.cat(found), x, stats)

@@ -52,6 +52,7 @@ class SampleConfig:
     num_candidates: int = 4  # K candidates per diverted step
     threshold: float = 0.3  # keep a pair only if its softmax score gap exceeds this
     divert_start_step: int = 4  # plain sampling before this step (t <= 750 trained at 20 steps)
+    inner_steps: int = 0  # > 0: branch every inner_steps+1 steps, train on each transition between (SDXL recipe)
     batch_size: int = 8  # prompts per resampler call, per process
     batches_per_epoch: int = 1
 
@@ -97,6 +98,7 @@ class SPOConfig:
             (0 <= s.divert_start_step < s.num_steps,
              f"sample.divert_start_step must lie in [0, num_steps={s.num_steps}), got {s.divert_start_step}"),
             (s.eta > 0, f"sample.eta must be > 0 (eta = 0 has no transition density), got {s.eta}"),
+            (s.inner_steps >= 0, f"sample.inner_steps must be >= 0, got {s.inner_steps}"),
             (s.num_steps >= 1 and s.batch_size >= 1 and s.batches_per_epoch >= 1,
              "sample.num_steps, batch_size and batches_per_epoch must be >= 1"),
             (t.beta > 0, f"train.beta must be > 0, got {t.beta}"),
@@ -123,19 +125,32 @@ class SPOConfig:
 # ------------------------------------------------------------------ pure pieces
 
 
+def transition_inputs(pairs: Pairs, cond: torch.Tensor, uncond: torch.Tensor):
+    """UNet inputs for a batch of pairs: x_t once per pair, plus x_t_lose where it differs (inner steps)."""
+    extra = (~pairs.shared).nonzero().flatten()
+    x = torch.cat([pairs.x_t, pairs.x_t_lose[extra]])
+    t = torch.cat([pairs.timesteps, pairs.timesteps[extra]])
+    return x, t, torch.cat([cond, cond[extra]]), torch.cat([uncond, uncond[extra]]), extra
+
+
 def pair_loss(policy_unet, reference_out: torch.Tensor, scheduler, pairs: Pairs, cond, uncond, guidance: float,
               eta: float, beta: float, eps: float):
     """SPO loss of a batch of pairs with ONE policy and ONE reference evaluation per pair.
 
     Win and lose share x_t, t and prompt, so μ_θ(x_t) and μ_ref(x_t) serve both; only the
-    evaluated x_{t-1} differs in the closed-form log-ratio.
+    evaluated x_{t-1} differs in the closed-form log-ratio. (Transitions inside an inner-steps
+    rollout start from different states and get their own evaluation.) `reference_out` is the
+    reference model's guided output on `transition_inputs(pairs, cond, uncond)`.
     """
-    t = pairs.timesteps
-    out = guided_output(policy_unet, pairs.x_t, t, cond, uncond, guidance)
-    mean_pol, std, _ = ddim_transition(scheduler, out, t, pairs.x_t, eta)
-    mean_ref, _, _ = ddim_transition(scheduler, reference_out, t, pairs.x_t, eta)
-    log_ratio_win = transition_log_ratio(pairs.win, mean_pol, mean_ref, std)
-    log_ratio_lose = transition_log_ratio(pairs.lose, mean_pol, mean_ref, std)
+    x, t, c, u, extra = transition_inputs(pairs, cond, uncond)
+    out = guided_output(policy_unet, x, t, c, u, guidance)
+    mean_pol, std, _ = ddim_transition(scheduler, out, t, x, eta)
+    mean_ref, _, _ = ddim_transition(scheduler, reference_out, t, x, eta)
+    n = len(pairs)
+    lose_rows = torch.arange(n, device=x.device)
+    lose_rows[extra] = n + torch.arange(len(extra), device=x.device)
+    log_ratio_win = transition_log_ratio(pairs.win, mean_pol[:n], mean_ref[:n], std[:n])
+    log_ratio_lose = transition_log_ratio(pairs.lose, mean_pol[lose_rows], mean_ref[lose_rows], std[lose_rows])
     loss, margin = spo_loss(log_ratio_win, log_ratio_lose, beta, eps)
     return loss, dict(margin=margin, log_ratio_win=log_ratio_win.detach(), log_ratio_lose=log_ratio_lose.detach())
 
@@ -264,7 +279,7 @@ class SPOTrainer:
             batch_prompts = [self.prompts[i] for i in idx]
             with self.acc.autocast():
                 result = resample(self.diffusion, self.spm, batch_prompts, s.num_steps, s.guidance_scale, s.eta,
-                                  s.num_candidates, s.threshold, s.divert_start_step, gen)
+                                  s.num_candidates, s.threshold, s.divert_start_step, gen, s.inner_steps)
             result.pairs.prompt_index += len(prompts)
             prompts += batch_prompts
             parts.append(result.pairs)
@@ -296,7 +311,7 @@ class SPOTrainer:
             order = torch.randperm(len(mine), generator=epoch_generator(cfg.train.seed, epoch, 0, 10 + inner))
             for start in range(0, len(mine), b):
                 batch = mine.select(order[start : start + b])
-                batch = Pairs(**{k: v.to(device) for k, v in batch.__dict__.items()})
+                batch = batch.to(device)
                 cond, uncond = self.diffusion.encode_prompts([all_prompts[i] for i in batch.prompt_index.tolist()])
                 self._step(batch, cond, uncond, metrics)
         n = len(mine)
@@ -308,7 +323,8 @@ class SPOTrainer:
         cfg, acc = self.cfg, self.acc
         with acc.accumulate(self.unet):
             with acc.autocast():
-                ref = self.reference_output(batch.x_t, batch.timesteps, cond, uncond)
+                x, t, c, u, _ = transition_inputs(batch, cond, uncond)
+                ref = self.reference_output(x, t, c, u)
                 loss, info = pair_loss(self.unet, ref, self.diffusion.scheduler, batch, cond, uncond,
                                        cfg.sample.guidance_scale, cfg.sample.eta, cfg.train.beta, cfg.train.eps)
             if not torch.isfinite(loss):

@@ -31,16 +31,17 @@ def evaluate_spm(models: dict, diffusion, dataset, timesteps=DEFAULT_TIMESTEPS, 
                            for i in range(0, len(rows), batch_size)) if b is not None]
     labels = torch.cat([b["labels"][:, 0] for b in batches]).numpy()
     has_truth = "utility_0" in rows.column_names
-    world_captions = has_truth and _all_in_world_grammar(rows["caption"])
+    in_world = has_truth and _all_in_world_grammar(rows["caption"])
     result = {"timesteps": list(timesteps), "n_pairs": int(len(labels)), "ties": float((labels == 0.5).mean()),
               "accuracy": {name: [] for name in models}}
     if has_truth:
         result["ceiling_true_utility"] = label_accuracy(rows["utility_0"], rows["utility_1"], rows["label_0"])
-    if world_captions:
+    if in_world:
         result["accuracy"]["utility on x0-prediction"] = []
     for t_value in timesteps:
         gen = torch.Generator().manual_seed(seed + int(t_value))
         scores = {name: ([], []) for name in result["accuracy"]}
+        world_images, world_captions = [], []  # x0-predictions to judge with the true utility
         for b in batches:
             t = torch.full((len(b["captions"]),), int(t_value), dtype=torch.long)
             x0_0, x0_1 = noisy_x0_images(diffusion, b["img0"], b["img1"], b["captions"], t, guidance, gen)
@@ -48,10 +49,13 @@ def evaluate_spm(models: dict, diffusion, dataset, timesteps=DEFAULT_TIMESTEPS, 
                 dev = next(model.parameters()).device
                 scores[name][0].append(model(x0_0.to(dev), b["captions"], t.to(dev)).float().cpu())
                 scores[name][1].append(model(x0_1.to(dev), b["captions"], t.to(dev)).float().cpu())
-            if world_captions:
-                u0, u1 = _utilities(x0_0, b["captions"]), _utilities(x0_1, b["captions"])
-                scores["utility on x0-prediction"][0].append(torch.tensor(u0))
-                scores["utility on x0-prediction"][1].append(torch.tensor(u1))
+            if in_world:
+                world_images.append((x0_0, x0_1))
+                world_captions += b["captions"]
+        if world_captions:  # one parallel pass over all pairs
+            u0 = _utilities(torch.cat([a for a, _ in world_images]), world_captions)
+            u1 = _utilities(torch.cat([b for _, b in world_images]), world_captions)
+            scores["utility on x0-prediction"] = ([torch.tensor(u0)], [torch.tensor(u1)])
         for name, (s0, s1) in scores.items():
             result["accuracy"][name].append(label_accuracy(torch.cat(s0).numpy(), torch.cat(s1).numpy(), labels))
     return result

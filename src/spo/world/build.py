@@ -307,7 +307,7 @@ def clip_scores(clip, tokenizer, captions: list[str], pixels: torch.Tensor, batc
 
 def build(out: str | Path, cfg: BuildConfig, force: bool = False, log=print) -> dict:
     """Run every stage not yet complete under `out`; returns the build report."""
-    from transformers import CLIPModel, CLIPProcessor, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
     from spo.world import preference_data, report
     from spo.world.tokenizer import write_tokenizer
@@ -348,10 +348,7 @@ def build(out: str | Path, cfg: BuildConfig, force: bool = False, log=print) -> 
     done, t0 = stage("clip")
     if not done:
         clip = train_clip(images, captions, tokenizer, cfg, gen)
-        tmp = _atomic_dir(out / "clip")
-        clip.save_pretrained(tmp)
-        CLIPProcessor(image_processor=architecture.clip_image_processor(), tokenizer=tokenizer).save_pretrained(tmp)
-        _commit_dir(tmp, out / "clip")
+        _save_clip(clip, tokenizer, out / "clip")
         finish("clip", t0)
 
     done, t0 = stage("sd")
@@ -373,11 +370,11 @@ def build(out: str | Path, cfg: BuildConfig, force: bool = False, log=print) -> 
         pipe = StableDiffusionPipeline.from_pretrained(out / "sd")
         pipe.set_progress_bar_config(disable=True)
         splits = prompts.split_prompts(cfg.seed)
+        prompts.write_prompt_files(splits, out / "prompts")
         tmp = _atomic_dir(out / "preference")
         for split, n_pairs in cfg.pairs.items():
             rows = preference_data.generate_pairs(pipe, splits[split], n_pairs, cfg, seed=cfg.seed + hash_split(split))
             preference_data.write_split(rows, tmp, split)
-        prompts.write_prompt_files(splits, tmp / "prompts")
         _commit_dir(tmp, out / "preference")
         finish("preference", t0)
 
@@ -386,10 +383,7 @@ def build(out: str | Path, cfg: BuildConfig, force: bool = False, log=print) -> 
         clip = CLIPModel.from_pretrained(out / "clip")
         train_rows = preference_data.load_split(out / "preference", "train")
         clip = train_pickscore(clip, tokenizer, train_rows, cfg, gen)
-        tmp = _atomic_dir(out / "pickscore")
-        clip.save_pretrained(tmp)
-        CLIPProcessor(image_processor=architecture.clip_image_processor(), tokenizer=tokenizer).save_pretrained(tmp)
-        _commit_dir(tmp, out / "pickscore")
+        _save_clip(clip, tokenizer, out / "pickscore")
         finish("pickscore", t0)
 
     t0 = time.time()
@@ -400,6 +394,16 @@ def build(out: str | Path, cfg: BuildConfig, force: bool = False, log=print) -> 
                     figures=figures)
     _write_json(out / "world.json", manifest)
     return manifest
+
+
+def _save_clip(clip, tokenizer, final: Path) -> None:
+    """A CLIPModel with its processor and tokenizer, as PickScore_v1 is laid out on the hub."""
+    from transformers import CLIPProcessor
+
+    tmp = _atomic_dir(final)
+    clip.save_pretrained(tmp)
+    CLIPProcessor(image_processor=architecture.clip_image_processor(), tokenizer=tokenizer).save_pretrained(tmp)
+    _commit_dir(tmp, final)
 
 
 def hash_split(split: str) -> int:

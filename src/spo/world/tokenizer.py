@@ -29,17 +29,21 @@ def _byte_alphabet() -> list[str]:
     return [chars[b] for b in range(256)]
 
 
+def _chain(pieces: list[str], merges: list[tuple[str, str]], known: set) -> None:
+    """Append the merges that join `pieces` left to right into one token."""
+    left = pieces[0]
+    for right in pieces[1:]:
+        if (left, right) not in known:
+            known.add((left, right))
+            merges.append((left, right))
+        left = left + right
+
+
 def _merges_for(words: list[str]) -> list[tuple[str, str]]:
     merges: list[tuple[str, str]] = []
-    seen = set()
+    known: set = set()
     for word in words:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        left = pieces[0]
-        for right in pieces[1:]:
-            if (left, right) not in seen:
-                seen.add((left, right))
-                merges.append((left, right))
-            left = left + right
+        _chain(list(word[:-1]) + [word[-1] + "</w>"], merges, known)
     return merges
 
 
@@ -62,11 +66,6 @@ def write_tokenizer(directory: str | Path, words: list[str] | None = None) -> CL
             break
         known = set(merges)
         for pieces in split:
-            left = pieces[0]
-            for right in pieces[1:]:
-                if (left, right) not in known:
-                    known.add((left, right))
-                    merges.append((left, right))
-                left = left + right
+            _chain(pieces, merges, known)
     tokenizer.save_pretrained(directory)
     return CLIPTokenizer.from_pretrained(directory)

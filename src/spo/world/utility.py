@@ -7,12 +7,14 @@ then judge the fit, and compare the whole picture with a clean render of the fit
     utility = alignment * (0.4 + 0.6 * quality)
 
 alignment (does the picture show what the caption says?) is the mean over requested objects of
-    colour    how close the object's pixels are to the named colour (faded or drifted colours lose)
+    colour × (0.3 + 0.7 shape) × size × position × in_frame, with
+    colour    the object's mean colour is clearly nearer the named colour than any other palette colour
     shape     soft IoU of the colour mask with the named shape, and its margin over the other shapes
     size      the fitted size lies in the range the size word asks for ("small", none, "large")
     position  the object's centre lies in the box the position phrase asks for
     in_frame  the object is not cut by the border
-times, for two-object captions, `relation` (the first object is above/below/left/right of the second).
+times (0.3 + 0.7 relation) for two-object captions (the first object is above/below/left/right of
+the second).
 
 quality (is it a good picture?) is a geometric mean of
     fidelity    closeness to a clean render of the fitted scene: noise, blur, clutter, gradients,
@@ -150,9 +152,9 @@ def _object_terms(img, mu, color, shape, bg, size_range, position, placed_by_rel
     colour = _colour_identity(img[alpha > 0.95], color) if mu.sum() > 1 else 0.0
     # Full credit when the named shape fits best; falling off as another shape fits clearly better
     # (small shapes on a 32 px canvas are hard to tell apart, so a near-tie is not punished).
-    shape_score = _flat_then_linear(0.85 - iou, 0.35) * _flat_then_linear(other - iou, 0.1)
+    shape_score = _flat_then_linear(0.85 - iou, 0.45) * _flat_then_linear(other - iou, 0.2)
     lo, hi = size_range
-    size_score = _flat_then_linear(max(lo - size, size - hi), 2.5)
+    size_score = _flat_then_linear(max(lo - size, size - hi), 4.0)
     extent = EXTENT[shape] * size
     x0, x1, y0, y1 = scenes.position_box(position, extent + 0.5)
     off = max(x0 - cx, cx - x1, 0) + max(y0 - cy, cy - y1, 0)
@@ -219,10 +221,13 @@ def utility_terms(image: np.ndarray, caption: str) -> dict[str, float]:
     terms = {k: float(np.mean([f[k] for f in fitted])) for k in keys}
     relation = _relation_score(spec.relation, *fitted) if spec.relation else 1.0
     terms["relation"] = relation
-    alignment = float(np.mean([np.prod([f[k] for k in keys]) for f in fitted])) * relation
+    # A blob of the right colour in the right place, or two right objects in the wrong arrangement,
+    # is partly right: such near-misses keep some credit so that improvements are graded.
+    per_object = [f["colour"] * (0.3 + 0.7 * f["shape"]) * f["size"] * f["position"] * f["in_frame"] for f in fitted]
+    alignment = float(np.mean(per_object)) * (0.3 + 0.7 * relation)
 
     rmse = _fidelity_rmse(img, spec, fitted, bg)
-    fidelity = float(np.exp(-((max(rmse - 0.01, 0.0) / 0.06) ** 2)))
+    fidelity = float(np.exp(-((max(rmse - 0.01, 0.0) / 0.1) ** 2)))
     saturation = float(bg.max() - bg.min())
     background = _flat_then_linear(saturation - 0.1, 0.3)
     contrast = min(_flat_then_linear(0.35 - float(np.linalg.norm(c - bg)), 0.25) for c in palette)
