@@ -231,7 +231,9 @@ def test_bad_inputs_fail_clearly_and_overwrite_nothing(tiny_world, tiny_spm, tmp
 def test_two_process_run_ends_with_identical_weights_and_resumes_in_one_process(tiny_world, tiny_spm, tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    # accelerate 1.x starts a single process for `--cpu --num_processes 2`; `--multi_gpu` on a machine
+    # without GPUs starts two CPU processes (gloo), which is what this test needs.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "spo.cli", "train",
            *tiny_spo_args(tiny_world, tiny_spm, out, "train.num_epochs=1")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)

@@ -207,6 +207,9 @@ class SPOTrainer:
         self._check_output_dir()
         if cfg.train.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.train.seed)  # the LoRA initialisation draws from the global generators
         pipe = load_pipeline(resolve(cfg.model.pretrained))
         self.diffusion = Diffusion(pipe)
         self.spm = StepAwareCLIP.from_pretrained(resolve(cfg.model.spm)).eval().requires_grad_(False)
