@@ -201,6 +201,7 @@ class SPOTrainer:
         cfg = self.cfg
         self.prompts = load_prompts(cfg.prompts)
         self.acc = Accelerator(
+            cpu=not torch.cuda.is_available(),  # so that a multi-process launch on CPUs forms one group
             mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
             log_with=None if cfg.log.report_to == "none" else cfg.log.report_to,
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")))

@@ -173,6 +173,7 @@ def train_spm(cfg: SPMTrainConfig, log=print) -> Path:
     cfg.validate()
     output = Path(cfg.output_dir)
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # so that a multi-process launch on CPUs forms one group
         mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
