@@ -216,7 +216,6 @@ def generate(pretrained, loras, no_base, prompt_texts, prompt_file, num, steps, 
     from spo.generation import load_model
     from spo.plots import captioned_grid
     from spo.prompts import load_prompts
-    from spo.world import resolve
     from spo.world.scenes import to_uint8
 
     prompts = list(prompt_texts) + (load_prompts(prompt_file) if prompt_file else [])

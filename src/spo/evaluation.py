@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 
-from spo.errors import SPOError
 
 
 def paired_difference(after, before, n_boot: int = 2000, seed: int = 0) -> dict:
@@ -47,12 +46,6 @@ def clip_image_features(clip_dir: str | Path, images: np.ndarray) -> np.ndarray:
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() * 2 - 1
     with torch.no_grad():
         return torch.cat([image_features(model, x[i : i + 256]) for i in range(0, len(x), 256)]).numpy()
-
-
-def require_prompts(prompts: list[str]) -> list[str]:
-    if not prompts:
-        raise SPOError("no prompts to evaluate")
-    return prompts
 
 
 def write_json(path: Path, data: dict) -> Path:

@@ -22,6 +22,7 @@ import torch
 
 from spo.config import save_config, to_plain
 from spo.errors import SPOError
+from spo.files import atomic_directory, keep_newest
 from spo.methods.spo import spo_loss
 from spo.models import guided_output
 from spo.resampler import Pairs, resample
@@ -106,7 +107,7 @@ class SPOConfig:
             (t.learning_rate > 0, f"train.learning_rate must be > 0, got {t.learning_rate}"),
             (t.batch_size >= 1 and t.gradient_accumulation_steps >= 1 and t.num_epochs >= 1 and t.inner_epochs >= 1,
              "train.batch_size, gradient_accumulation_steps, num_epochs and inner_epochs must be >= 1"),
-            (t.mixed_precision in ("no", "fp16", "bf16"), f"train.mixed_precision must be no, fp16 or bf16"),
+            (t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision must be no, fp16 or bf16"),
             (self.model.lora_rank >= 1, f"model.lora_rank must be >= 1, got {self.model.lora_rank}"),
             (self.log.report_to in ("tensorboard", "wandb", "none"), "log.report_to must be tensorboard, wandb or none"),
         ]
@@ -402,24 +403,17 @@ class SPOTrainer:
         self.acc.wait_for_everyone()
         final = self.out / "checkpoints" / f"epoch-{self.epoch}"
         if self.acc.is_main_process:
-            tmp = final.with_name(final.name + ".partial")
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-            save_file(self.trainable_state(), str(tmp / "trainable.safetensors"))
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(self.lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
-            save_config(self.cfg, tmp / "config.yaml")
-            # state.json is written last: a checkpoint without it is incomplete and never resumed from
-            (tmp / "state.json").write_text(json.dumps(dict(
-                epoch=self.epoch, global_step=self.global_step, digest=self.cfg.digest(),
-                nonfinite_total=self.nonfinite_total)))
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
+            with atomic_directory(final) as tmp:
+                save_file(self.trainable_state(), str(tmp / "trainable.safetensors"))
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(self.lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+                save_config(self.cfg, tmp / "config.yaml")
+                # state.json is written last: a checkpoint without it is incomplete and never resumed from
+                (tmp / "state.json").write_text(json.dumps(dict(
+                    epoch=self.epoch, global_step=self.global_step, digest=self.cfg.digest(),
+                    nonfinite_total=self.nonfinite_total)))
             done = sorted(self.out.glob("checkpoints/epoch-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
-            for old in done[: max(0, len(done) - self.cfg.log.checkpoints_total_limit)]:
-                shutil.rmtree(old)
+            keep_newest(done, self.cfg.log.checkpoints_total_limit)
         self.acc.wait_for_everyone()
         return final
 
@@ -455,17 +449,12 @@ class SPOTrainer:
         (ranks / f"rank-{self.acc.process_index}.sha256").write_text(weights_fingerprint(self.trainable_state()))
         target = self.out / ("lora" if self.cfg.model.use_lora else "pipeline")
         if self.acc.is_main_process:
-            tmp = target.with_name(target.name + ".partial")
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            if self.cfg.model.use_lora:
-                save_lora(unet, tmp, self.cfg.model.lora_rank, self.cfg.model.lora_alpha)
-            else:
-                self.diffusion.pipe.unet = unet
-                self.diffusion.pipe.save_pretrained(tmp)
-            if target.exists():
-                shutil.rmtree(target)
-            tmp.rename(target)
+            with atomic_directory(target) as tmp:
+                if self.cfg.model.use_lora:
+                    save_lora(unet, tmp, self.cfg.model.lora_rank, self.cfg.model.lora_alpha)
+                else:
+                    self.diffusion.pipe.unet = unet
+                    self.diffusion.pipe.save_pretrained(tmp)
             from spo.plots import training_curves
 
             training_curves(self.out / "metrics.jsonl", self.out / "curves.png")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 DEFAULT_TIMESTEPS = (0, 250, 500, 750, 950)
@@ -86,7 +85,7 @@ def write_report(result: dict, out: Path, title: str = "Preference accuracy vs t
     out.mkdir(parents=True, exist_ok=True)
     (out / "accuracy.json").write_text(json.dumps(result, indent=2))
     ts = result["timesteps"]
-    lines = [f"| model | " + " | ".join(f"t={t}" for t in ts) + " |", "|---|" + "---|" * len(ts)]
+    lines = ["| model | " + " | ".join(f"t={t}" for t in ts) + " |", "|---|" + "---|" * len(ts)]
     for name, accs in result["accuracy"].items():
         lines.append(f"| {name} | " + " | ".join(f"{a:.3f}" for a in accs) + " |")
     if "ceiling_true_utility" in result:

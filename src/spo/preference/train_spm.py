@@ -9,7 +9,6 @@ Bradley–Terry targets, ties 0.5/0.5, per-prompt weights).
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -143,20 +142,15 @@ def _latest_checkpoint(output: Path) -> Path | None:
 
 
 def _save_checkpoint(accelerator, output: Path, step: int, limit: int) -> Path:
+    from spo.files import atomic_directory, keep_newest
+
     final = output / "checkpoints" / f"step-{step}"
-    tmp = final.with_name(final.name + ".partial")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        (tmp / "train_state.json").write_text(json.dumps({"global_step": step}))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        ckpts = sorted((output / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-        for old in ckpts[: max(0, len(ckpts) - limit)]:
-            shutil.rmtree(old)
+        with atomic_directory(final) as tmp:
+            accelerator.save_state(str(tmp))
+            (tmp / "train_state.json").write_text(json.dumps({"global_step": step}))
+        keep_newest(sorted((output / "checkpoints").glob("step-*[0-9]"), key=lambda p: int(p.name.split("-")[1])), limit)
     accelerator.wait_for_everyone()
     return final
 
@@ -262,13 +256,10 @@ def train_spm(cfg: SPMTrainConfig, log=print) -> Path:
     bar.close()
     final = output / "spm"
     if accelerator.is_main_process:
-        tmp = final.with_name("spm.partial")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        accelerator.unwrap_model(spm).save_pretrained(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        from spo.files import atomic_directory
+
+        with atomic_directory(final) as tmp:
+            accelerator.unwrap_model(spm).save_pretrained(tmp)
         report = dict(collate.report.summary(), train_seconds=round(time.time() - t0, 1), steps=step)
         (output / "data_report.json").write_text(json.dumps(report, indent=2))
         log("[spm] data: " + ", ".join(f"{k}: {v}" for k, v in collate.report.summary().items()))

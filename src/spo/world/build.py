@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from spo.files import atomic_directory
 from spo.world import architecture, prompts, scenes
-from spo.world.labels import LabelModel, label_accuracy, simulate_labels
+from spo.world.labels import LabelModel
 from spo.world.utility import utility
 
 WORLD_FORMAT = 1
@@ -73,21 +74,6 @@ def _seed_all(seed: int) -> torch.Generator:
     np.random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
-
-
-def _atomic_dir(final: Path):
-    """A temp folder renamed to `final` only once the stage has written everything."""
-    tmp = final.with_name(final.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _commit_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
 
 
 # ------------------------------------------------------------------ data
@@ -336,9 +322,8 @@ def build(out: str | Path, cfg: BuildConfig, force: bool = False, log=print) -> 
     gen = _seed_all(cfg.seed)
     done, t0 = stage("tokenizer")
     if not done:
-        tmp = _atomic_dir(out / "tokenizer")
-        write_tokenizer(tmp)
-        _commit_dir(tmp, out / "tokenizer")
+        with atomic_directory(out / "tokenizer") as tmp:
+            write_tokenizer(tmp)
         finish("tokenizer", t0)
     tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
 
@@ -357,9 +342,8 @@ def build(out: str | Path, cfg: BuildConfig, force: bool = False, log=print) -> 
         vae = train_vae(images, cfg, gen)
         timings["sd.vae"] = round(time.time() - t0, 1)
         unet = train_unet(images, captions, vae, text_encoder, tokenizer, cfg, gen)
-        tmp = _atomic_dir(out / "sd")
-        sd_pipeline(unet, vae, text_encoder, tokenizer).save_pretrained(tmp)
-        _commit_dir(tmp, out / "sd")
+        with atomic_directory(out / "sd") as tmp:
+            sd_pipeline(unet, vae, text_encoder, tokenizer).save_pretrained(tmp)
         finish("sd", t0)
     del images, captions
 
@@ -371,11 +355,10 @@ def build(out: str | Path, cfg: BuildConfig, force: bool = False, log=print) -> 
         pipe.set_progress_bar_config(disable=True)
         splits = prompts.split_prompts(cfg.seed)
         prompts.write_prompt_files(splits, out / "prompts")
-        tmp = _atomic_dir(out / "preference")
-        for split, n_pairs in cfg.pairs.items():
-            rows = preference_data.generate_pairs(pipe, splits[split], n_pairs, cfg, seed=cfg.seed + hash_split(split))
-            preference_data.write_split(rows, tmp, split)
-        _commit_dir(tmp, out / "preference")
+        with atomic_directory(out / "preference") as tmp:
+            for split, n_pairs in cfg.pairs.items():
+                rows = preference_data.generate_pairs(pipe, splits[split], n_pairs, cfg, seed=cfg.seed + hash_split(split))
+                preference_data.write_split(rows, tmp, split)
         finish("preference", t0)
 
     done, t0 = stage("pickscore")
@@ -400,10 +383,9 @@ def _save_clip(clip, tokenizer, final: Path) -> None:
     """A CLIPModel with its processor and tokenizer, as PickScore_v1 is laid out on the hub."""
     from transformers import CLIPProcessor
 
-    tmp = _atomic_dir(final)
-    clip.save_pretrained(tmp)
-    CLIPProcessor(image_processor=architecture.clip_image_processor(), tokenizer=tokenizer).save_pretrained(tmp)
-    _commit_dir(tmp, final)
+    with atomic_directory(final) as tmp:
+        clip.save_pretrained(tmp)
+        CLIPProcessor(image_processor=architecture.clip_image_processor(), tokenizer=tokenizer).save_pretrained(tmp)
 
 
 def hash_split(split: str) -> int:
