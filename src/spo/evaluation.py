@@ -1,12 +1,22 @@
-"""Comparing models image for image: paired statistics, win rates, distribution distances, reports."""
+"""Comparing models image for image: paired statistics, win rates, distribution distances, reports.
+
+`spo evaluate` lives here too: fixed-seed generation with an on-disk image cache, scoring with the
+scorers of `spo.scorers`, and the report files (`evaluate_models`).
+"""
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from spo.errors import SPOError
 
 
 def paired_difference(after, before, n_boot: int = 2000, seed: int = 0) -> dict:
@@ -53,3 +63,303 @@ def write_json(path: Path, data: dict) -> Path:
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)
     return path
+
+
+# ------------------------------------------------------------------ `spo evaluate`: models x scorers on a prompt set
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """How every image is drawn; the defaults are the paper's evaluation settings."""
+
+    steps: int = 20  # DDIM steps
+    guidance: float = 5.0  # classifier-free guidance scale
+    eta: float = 0.0  # DDIM eta; 0 makes an image a function of its initial noise
+    seed: int = 0  # prompt i is drawn from seed + i, the same for every model
+    scheduler: str = "DDIM"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model under evaluation: `NAME=BASE` or `NAME=BASE+LORA_DIR` (see `parse_model_spec`)."""
+
+    name: str
+    pretrained: str  # base pipeline: hub id, directory or world:NAME
+    lora: str | None = None  # LoRA directory, or a full-pipeline directory, from `spo train`
+
+    @property
+    def spec(self) -> str:
+        return self.pretrained + (f"+{self.lora}" if self.lora else "")
+
+    def identity(self) -> dict:
+        """What the model's images depend on: the spec, plus a fingerprint of each local directory's files
+        so that retraining into the same directory does not reuse old images."""
+        from spo.world import resolve
+
+        parts = {"pretrained": self.pretrained, "lora": self.lora}
+        return dict(spec=self.spec, **{f"{k}_fingerprint": _fingerprint(resolve(v)) for k, v in parts.items() if v})
+
+
+def parse_model_spec(text: str) -> ModelSpec:
+    """`NAME=SPEC` (or just SPEC), SPEC = BASE | BASE+LORA_DIR | FULL_PIPELINE_DIR."""
+    name, sep, spec = text.partition("=")
+    if not sep:
+        name, spec = "", text
+    base, plus, lora = spec.strip().partition("+")
+    if not base or (plus and not lora):
+        raise SPOError(f"--model {text!r}: expected NAME=BASE or NAME=BASE+LORA_DIR, e.g. "
+                       "base=world:sd or spo=world:sd+runs/spo-world/lora")
+    if lora and not Path(lora).is_dir():
+        raise SPOError(f"--model {text!r}: LoRA directory {lora} does not exist")
+    return ModelSpec(name.strip() or Path(lora or base).name or base, base, lora or None)
+
+
+def _fingerprint(path: str) -> str | None:
+    """Hash of (name, size, mtime) of every file under a local path; None for a hub id."""
+    root = Path(path)
+    if not root.exists():
+        return None
+    files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
+    digest = hashlib.sha256()
+    for f in files:
+        stat = f.stat()
+        name = f.relative_to(root) if root.is_dir() else f.name
+        digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def image_key(identity: dict, prompt: str, seed: int, sampler: Sampler) -> str:
+    """The cache key of one image: everything the pixels depend on, hashed."""
+    settings = dict(asdict(sampler), seed=seed)
+    blob = json.dumps(dict(model=identity, prompt=prompt, sampler=settings), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _chunks(indices: list[int], size: int) -> list[tuple[int, int]]:
+    """Sorted indices as [start, stop) ranges of consecutive indices, at most `size` long."""
+    chunks: list[tuple[int, int]] = []
+    for i in indices:
+        if chunks and chunks[-1][1] == i and i - chunks[-1][0] < size:
+            chunks[-1] = (chunks[-1][0], i + 1)
+        else:
+            chunks.append((i, i + 1))
+    return chunks
+
+
+def cached_images(model: ModelSpec, prompts: list[str], sampler: Sampler, cache_dir: Path, batch_size: int = 16,
+                  device: str | None = None, log=print) -> list[Path]:
+    """The PNG of the model's image for every prompt, generated only where the cache has none.
+
+    Images are 8-bit PNGs (what a person would look at) and are always scored from the PNG, so a
+    first and a later run score exactly the same pixels. Each batch is written as soon as it is
+    drawn: an interrupted run keeps what it made.
+    """
+    from spo import generation
+
+    identity = model.identity()
+    paths = [cache_dir / k[:2] / f"{k}.png"
+             for k in (image_key(identity, p, sampler.seed + i, sampler) for i, p in enumerate(prompts))]
+    todo = [i for i, path in enumerate(paths) if not path.is_file()]
+    log(f"[evaluate] {model.name}: {len(prompts) - len(todo)} of {len(prompts)} images cached, generating {len(todo)}")
+    if todo:
+        pipe = _pipeline_for(model, device)
+        for start, stop in _chunks(todo, batch_size):  # consecutive prompts keep prompt i on seed + i
+            images = generation.generate(pipe, prompts[start:stop], sampler.seed + start, sampler.steps,
+                                         sampler.guidance, sampler.eta, batch=batch_size, desc=model.name)
+            for i, image in zip(range(start, stop), images):
+                _write_png(paths[i], image, dict(model=identity, prompt=prompts[i], seed=sampler.seed + i,
+                                                 sampler=asdict(sampler)))
+        del pipe
+    return paths
+
+
+def read_images(paths: list[Path]) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255 for p in paths])
+
+
+def _pipeline_for(model: ModelSpec, device: str | None):
+    import torch
+    from diffusers import DDIMScheduler
+
+    from spo import generation
+
+    pipe = generation.load_model(model.pretrained, model.lora)
+    if not isinstance(pipe.scheduler, DDIMScheduler):
+        raise SPOError(f"{model.spec} samples with {type(pipe.scheduler).__name__}; evaluation uses DDIM")
+    return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _write_png(path: Path, image: np.ndarray, meta: dict) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("spo", json.dumps(meta))  # each cached image says where it came from
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    Image.fromarray((np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)).save(tmp, pnginfo=info)
+    tmp.replace(path)
+
+
+def mean_ci(values, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Mean over prompts with a bootstrap 95% CI."""
+    v = np.asarray(values, float)
+    boots = v[np.random.default_rng(seed).integers(0, len(v), (n_boot, len(v)))].mean(1)
+    return dict(mean=float(v.mean()), std=float(v.std()), ci95=[float(np.percentile(boots, 2.5)),
+                                                                 float(np.percentile(boots, 97.5))], n=int(len(v)))
+
+
+def default_scorers(prompts: list[str]) -> list[str]:
+    """World prompts: the world's judges. Otherwise the paper's four automatic metrics."""
+    from spo.world.scenes import parse_caption
+
+    if all(parse_caption(p) is not None for p in prompts):
+        return ["world-utility", "world-pickscore"]
+    return ["pickscore", "hpsv2", "imagereward", "aesthetic"]
+
+
+def evaluate_models(models: list[ModelSpec], scorer_specs: list[str], prompts: list[str], prompt_source: str,
+                    sampler: Sampler, out: Path, cache_dir: Path, batch_size: int = 16, grid_prompts: int = 8,
+                    device: str | None = None, log=print) -> dict:
+    """Generate (or reuse) every model's images, score them with every scorer, write the reports to `out`."""
+    from spo.scorers import load_scorer, parse_scorer_spec
+
+    _check_unique([m.name for m in models], "model name")
+    _check_unique([parse_scorer_spec(s)[0] for s in scorer_specs], "scorer")
+    scorers = [load_scorer(s, device) for s in scorer_specs]  # before generating: missing weights fail fast
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    grid_images = {}
+    for m in models:
+        paths = cached_images(m, prompts, sampler, cache_dir, batch_size, device, log)
+        log(f"[evaluate] {m.name}: scoring with {', '.join(scorer_specs)}")
+        scores[m.name] = _score_all(scorers, paths, prompts)
+        grid_images[m.name] = read_images(paths[:grid_prompts])
+    baseline = models[0].name
+    report = dict(
+        settings=dict(
+            sampler=dict(asdict(sampler), seeds=f"prompt i is drawn from seed {sampler.seed} + i, for every model",
+                         batch_size=batch_size),
+            prompts=dict(source=prompt_source, n=len(prompts)),
+            models=[dict(name=m.name, pretrained=m.pretrained, lora=m.lora, identity=m.identity()) for m in models],
+            scorers=[dict(name=s.name, spec=spec) for s, spec in zip(scorers, scorer_specs)],
+            baseline=baseline, cache_dir=str(cache_dir)),
+        results={m: {s: mean_ci(v) for s, v in by_scorer.items()} for m, by_scorer in scores.items()},
+        vs_baseline={m: {s: paired_difference(v, scores[baseline][s]) for s, v in by_scorer.items()}
+                     for m, by_scorer in scores.items() if m != baseline},
+    )
+    write_evaluation(out, report, scores, prompts, grid_images)
+    return report
+
+
+def _score_all(scorers: list, paths: list[Path], prompts: list[str], chunk: int = 256) -> dict[str, np.ndarray]:
+    """Every scorer on every image, reading the PNGs a chunk at a time so that memory stays flat."""
+    parts: dict[str, list[np.ndarray]] = {s.name: [] for s in scorers}
+    for start in range(0, len(paths), chunk):
+        images = read_images(paths[start : start + chunk])
+        for scorer in scorers:
+            parts[scorer.name].append(np.asarray(scorer.score(images, prompts[start : start + chunk]), float))
+    return {name: np.concatenate(p) for name, p in parts.items()}
+
+
+def _check_unique(names: list[str], what: str) -> None:
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise SPOError(f"{what} {dupes[0]!r} given twice; give each one once (name models with NAME=SPEC)")
+
+
+def write_evaluation(out: Path, report: dict, scores: dict, prompts: list[str], grid_images: dict) -> None:
+    """results.json/.csv/.md, per_prompt.csv and grid.png, each written whole or not at all."""
+    s = report["settings"]
+    sampler, scorer_names = s["sampler"], [x["name"] for x in s["scorers"]]
+    spec_of = {m["name"]: m["identity"]["spec"] for m in s["models"]}
+    # Settings repeated on every row, so that a CSV read on its own still says how it was made.
+    settings = dict(scheduler=sampler["scheduler"], steps=sampler["steps"], guidance=sampler["guidance"],
+                    eta=sampler["eta"], prompts=s["prompts"]["source"], n_prompts=s["prompts"]["n"])
+    per_prompt = [dict(prompt_index=i, prompt=p, seed=sampler["seed"] + i, model=model,
+                       **{k: float(scores[model][k][i]) for k in scorer_names}, model_spec=spec_of[model], **settings)
+                  for model in scores for i, p in enumerate(prompts)]
+    write_json(out / "results.json", report)
+    _write_csv(out / "results.csv", _summary_rows(report, spec_of, dict(seed=sampler["seed"], **settings)))
+    _write_csv(out / "per_prompt.csv", per_prompt)
+    _write_text(out / "results.md", render_evaluation_markdown(report))
+    _evaluation_grid(out / "grid.png", report, scores, prompts, grid_images)
+
+
+def _summary_rows(report: dict, spec_of: dict, settings: dict) -> list[dict]:
+    """One row per (model, scorer); the comparison columns are empty for the baseline itself."""
+    rows = []
+    for model, by_scorer in report["results"].items():
+        for scorer, r in by_scorer.items():
+            d = report["vs_baseline"].get(model, {}).get(scorer, {})
+            diff_ci, win_ci = d.get("diff_ci95", ["", ""]), d.get("win_rate_ci95", ["", ""])
+            rows.append(dict(model=model, scorer=scorer, mean=r["mean"], ci95_low=r["ci95"][0], ci95_high=r["ci95"][1],
+                             n=r["n"], baseline=report["settings"]["baseline"], diff_vs_baseline=d.get("diff", ""),
+                             diff_ci95_low=diff_ci[0], diff_ci95_high=diff_ci[1], win_rate=d.get("win_rate", ""),
+                             win_rate_ci95_low=win_ci[0], win_rate_ci95_high=win_ci[1], model_spec=spec_of[model],
+                             **settings))
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_text(path, buffer.getvalue())
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _fmt(x: float, sign: str = "") -> str:
+    return f"{x:{sign}.2f}" if abs(x) >= 10 else f"{x:{sign}.3f}"
+
+
+def render_evaluation_markdown(report: dict) -> str:
+    s = report["settings"]
+    sampler, scorers = s["sampler"], [x["name"] for x in s["scorers"]]
+    lines = [
+        f"# Evaluation on {s['prompts']['n']} prompts from `{s['prompts']['source']}`", "",
+        (f"Sampler: {sampler['scheduler']} {sampler['steps']} steps, CFG {sampler['guidance']:g}, "
+         f"eta {sampler['eta']:g}; {sampler['seeds']}."), "",
+        "Models:", "",
+        *[f"- **{m['name']}**: `{m['identity']['spec']}`" for m in s["models"]], "",
+        "Mean over prompts ± half-width of the bootstrap 95% CI:", "",
+        "| model | " + " | ".join(scorers) + " |", "|---|" + "---|" * len(scorers),
+    ]
+    for model, by_scorer in report["results"].items():
+        cells = [f"{_fmt(r['mean'])} ± {_fmt((r['ci95'][1] - r['ci95'][0]) / 2)}" for r in
+                 (by_scorer[k] for k in scorers)]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    if report["vs_baseline"]:
+        lines += ["", f"Against the baseline **{s['baseline']}**, paired over prompts (ties count half a win):", "",
+                  "| model | scorer | difference [95% CI] | win rate [95% CI] |", "|---|---|---|---|"]
+        for model, by_scorer in report["vs_baseline"].items():
+            for scorer in scorers:
+                d = by_scorer[scorer]
+                lo, hi = d["diff_ci95"]
+                wlo, whi = d["win_rate_ci95"]
+                lines.append(f"| {model} | {scorer} | {_fmt(d['diff'], '+')} [{_fmt(lo, '+')}, {_fmt(hi, '+')}] | "
+                             f"{d['win_rate']:.2f} [{wlo:.2f}, {whi:.2f}] |")
+    lines += ["", "Files: results.json (everything), results.csv, per_prompt.csv, grid.png."]
+    return "\n".join(lines) + "\n"
+
+
+def _evaluation_grid(path: Path, report: dict, scores: dict, prompts: list[str], images: dict) -> None:
+    """The first prompts (columns) for every model (rows), captioned with the first scorer's score."""
+    from spo.plots import captioned_grid
+
+    n = len(next(iter(images.values())))
+    first = report["settings"]["scorers"][0]["name"]
+    tiles, captions = [], []
+    for model in images:
+        for i in range(n):
+            tiles.append(images[model][i])
+            captions.append(f"{model} {scores[model][first][i]:.3g}: {prompts[i]}")
+    sampler = report["settings"]["sampler"]
+    cell = 128 if images[next(iter(images))].shape[1] <= 128 else 256
+    captioned_grid(tiles, captions, path, cols=n, cell=cell,
+                   title=f"rows: {', '.join(images)}; number = {first}; {sampler['scheduler']} {sampler['steps']} "
+                         f"steps, CFG {sampler['guidance']:g}, seed {sampler['seed']}+i")
