@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,17 +12,24 @@ from tqdm.auto import tqdm
 from spo.errors import SPOError
 
 
-def load_model(pretrained: str, lora: str | Path | None = None):
-    """A pipeline from `pretrained` (hub id / dir / world:sd), with a LoRA dir or full-pipeline dir applied."""
-    from spo.models import load_pipeline
+def load_model(pretrained: str, lora: str | Path | None = None, vae: str | Path | None = None):
+    """An SD or SDXL pipeline from `pretrained` (hub id / dir / world:sd), with a LoRA dir or full-pipeline
+    dir applied; `vae` replaces the pipeline's VAE (e.g. madebyollin/sdxl-vae-fp16-fix)."""
+    from spo.models import Diffusion, load_pipeline
     from spo.world import resolve
 
+    vae = resolve(str(vae)) if vae else None
     if lora and (Path(lora) / "model_index.json").is_file():  # a full fine-tuning output is a pipeline itself
-        return load_pipeline(lora)
-    pipe = load_pipeline(resolve(pretrained))
+        return load_pipeline(lora, vae=vae)
+    pipe = load_pipeline(resolve(pretrained), vae=vae)
     if lora:
         if not Path(lora).is_dir():
             raise SPOError(f"LoRA directory {lora} does not exist")
+        info = Path(lora) / "spo_lora.json"
+        trained_on = json.loads(info.read_text()).get("family", "sd") if info.is_file() else None
+        if trained_on and trained_on != Diffusion(pipe).family:
+            raise SPOError(f"LoRA {lora} was trained on an {trained_on.upper()} model but {pretrained} is "
+                           f"{Diffusion(pipe).family.upper()}; give --pretrained the model it was trained from")
         try:
             pipe.load_lora_weights(str(lora))
         except Exception as exc:

@@ -2,11 +2,15 @@
 
 `Diffusion` is the model-family adapter: everything that differs between model families (text
 encoding, conditioning, resolution) lives here, and the rest of the library only calls its methods.
+SD 1.x/2.x condition the UNet on one text encoder's hidden states; SDXL concatenates two text
+encoders' hidden states and adds the pooled embedding of the second and the image-size
+micro-conditioning (`add_time_ids`). Both travel in one `Conditioning`, so the resampler, the
+losses, the trainer and the SPM training never ask which family they run.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,44 +18,152 @@ import torch
 
 from spo.errors import SPOError
 
+# The pipeline classes spo trains, by the `_class_name` a checkpoint's model_index.json declares.
+FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
 
-def load_pipeline(path_or_id: str | Path, dtype: torch.dtype | None = None):
-    """A StableDiffusionPipeline from a hub id or a local directory, with a clear error on failure."""
-    from diffusers import StableDiffusionPipeline
+
+def checkpoint_family(path_or_id: str | Path) -> str:
+    """The family, "sd" or "sdxl", read from the checkpoint itself: a config never has to say which."""
+    from diffusers import DiffusionPipeline
 
     local = Path(path_or_id)
     if local.exists() and not (local / "model_index.json").is_file():
         raise SPOError(f"{local} is not a diffusers pipeline directory (no model_index.json)")
-    if local.exists():
-        cls_name = json.loads((local / "model_index.json").read_text()).get("_class_name", "")
-        if "XL" in cls_name:
-            raise SPOError(f"{local} holds a {cls_name}; SDXL checkpoints are not supported yet")
-    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(str(path_or_id), safety_checker=None,
-                                                       requires_safety_checker=False, **kwargs)
+        index = DiffusionPipeline.load_config(str(path_or_id))  # a local dir, the hub cache or the hub
+    except Exception as exc:  # hub errors, missing files and bad JSON all land here
+        raise SPOError(f"could not load a Stable Diffusion pipeline from {path_or_id!r} "
+                       f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    name = index.get("_class_name", "")
+    if name not in FAMILIES:
+        raise SPOError(f"{path_or_id} holds a {name or 'pipeline of unknown class'}; spo trains "
+                       f"{' and '.join(FAMILIES)} checkpoints (SD 1.x/2.x and SDXL base)")
+    return FAMILIES[name]
+
+
+def load_pipeline(path_or_id: str | Path, dtype: torch.dtype | None = None, vae: str | Path | None = None):
+    """An SD or SDXL pipeline (the family is read from the checkpoint), optionally with a separate VAE.
+
+    `vae` is an AutoencoderKL (hub id, its own directory, or a pipeline directory with a vae/
+    folder), e.g. madebyollin/sdxl-vae-fp16-fix: SDXL's own VAE overflows in fp16.
+    """
+    from diffusers import (
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
+
+    family = checkpoint_family(path_or_id)
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    if vae:
+        kwargs["vae"] = load_vae(vae, dtype)
+    if family == "sd":
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    try:
+        pipe = cls.from_pretrained(str(path_or_id), **kwargs)
     except Exception as exc:  # diffusers raises many exception types for missing or corrupt models
         raise SPOError(f"could not load a Stable Diffusion pipeline from {path_or_id!r} "
                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(pipe.scheduler, DDIMScheduler):
+        # SPO's transitions are DDIM's (spo.sampling), but SD 1.5 ships PNDM and SDXL Euler: keep the
+        # checkpoint's noise schedule, with SD's DDIM settings where its config does not say.
+        pipe.scheduler = DDIMScheduler.from_config({"clip_sample": False, "set_alpha_to_one": False,
+                                                    **pipe.scheduler.config})
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def guided_output(unet, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
-                  guidance: float) -> torch.Tensor:
-    """One UNet call on the doubled batch, combined with classifier-free guidance."""
+def load_vae(path_or_id: str | Path, dtype: torch.dtype | None = None):
+    from diffusers import AutoencoderKL
+
+    local = Path(path_or_id)
+    sub = {"subfolder": "vae"} if (local / "vae" / "config.json").is_file() else {}
+    try:
+        return AutoencoderKL.from_pretrained(str(path_or_id), torch_dtype=dtype, **sub)
+    except Exception as exc:
+        raise SPOError(f"could not load a VAE (AutoencoderKL) from {path_or_id!r} "
+                       f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+
+
+@dataclass
+class Conditioning:
+    """The text conditioning of a batch, one row per image: what the UNet takes besides x_t and t.
+
+    SD needs the text encoder's hidden states only; SDXL adds the pooled embedding of its second
+    text encoder and the size/crop micro-conditioning ("time ids"). Rows index, repeat and
+    concatenate like a tensor's, so the resampler and trainer never look inside.
+    """
+
+    embeds: torch.Tensor  # (B, L, D) encoder_hidden_states
+    pooled: torch.Tensor | None = None  # (B, P) SDXL: pooled, projected embedding of text encoder 2
+    time_ids: torch.Tensor | None = None  # (B, 6) SDXL: original size, crop top-left, target size
+
+    def _map(self, fn) -> "Conditioning":
+        return Conditioning(*(None if v is None else fn(v) for v in (self.embeds, self.pooled, self.time_ids)))
+
+    def __len__(self) -> int:
+        return len(self.embeds)
+
+    def __getitem__(self, index) -> "Conditioning":
+        return self._map(lambda v: v[index])
+
+    def repeat_interleave(self, repeats: int, dim: int = 0) -> "Conditioning":
+        return self._map(lambda v: v.repeat_interleave(repeats, dim))
+
+    def to(self, *args, **kwargs) -> "Conditioning":
+        return self._map(lambda v: v.to(*args, **kwargs))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embeds.dtype
+
+    @staticmethod
+    def cat(parts: list) -> "Conditioning":
+        parts = [as_conditioning(p) for p in parts]
+        fields = zip(*((p.embeds, p.pooled, p.time_ids) for p in parts))
+        return Conditioning(*(None if v[0] is None else torch.cat(v) for v in fields))
+
+    def unet_kwargs(self) -> dict:
+        if self.pooled is None:
+            return {"encoder_hidden_states": self.embeds}
+        return {"encoder_hidden_states": self.embeds,
+                "added_cond_kwargs": {"text_embeds": self.pooled, "time_ids": self.time_ids}}
+
+
+def as_conditioning(c) -> Conditioning:
+    """A plain tensor of text embeddings (SD) is a Conditioning without the SDXL extras."""
+    return c if isinstance(c, Conditioning) else Conditioning(c)
+
+
+def guided_output(unet, x_t: torch.Tensor, t: torch.Tensor, cond, uncond, guidance: float) -> torch.Tensor:
+    """One UNet call on the doubled batch, combined with classifier-free guidance.
+
+    `cond`/`uncond` are `Conditioning`s (or, for SD, plain text-embedding tensors).
+    """
+    cond = as_conditioning(cond)
     if guidance == 1.0:
-        return unet(x_t, t, cond).sample
-    both = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond])).sample
-    out_uncond, out_cond = both.chunk(2)
+        return unet(x_t, t, **cond.unet_kwargs()).sample
+    both = Conditioning.cat([uncond, cond])
+    out = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), **both.unet_kwargs()).sample
+    out_uncond, out_cond = out.chunk(2)
     return out_uncond + guidance * (out_cond - out_uncond)
 
 
 @dataclass
 class Diffusion:
-    """A frozen-or-trainable SD-family model seen through the operations SPM and SPO need."""
+    """A frozen-or-trainable SD or SDXL model seen through the operations SPM and SPO need."""
 
     pipe: object
+
+    @property
+    def family(self) -> str:
+        return "sdxl" if getattr(self.pipe, "text_encoder_2", None) is not None else "sd"
+
+    def frozen_modules(self) -> list:
+        """The parts that never train: the VAE and the text encoder(s)."""
+        parts = (self.pipe.vae, self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None))
+        return [m for m in parts if m is not None]
 
     @property
     def unet(self):
@@ -74,20 +186,38 @@ class Diffusion:
         return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(conditional, unconditional) text embeddings for classifier-free guidance."""
-        cond, uncond = self.pipe.encode_prompt(list(prompts), self.device, 1, True, negative_prompt=None)
-        return cond, uncond
+    def encode_prompts(self, prompts: list[str]) -> tuple[Conditioning, Conditioning]:
+        """(conditional, unconditional) conditioning for classifier-free guidance, as the pipeline builds it."""
+        if self.family == "sd":
+            cond, uncond = self.pipe.encode_prompt(list(prompts), self.device, 1, True, negative_prompt=None)
+            return Conditioning(cond), Conditioning(uncond)
+        # No negative prompt: SDXL base (force_zeros_for_empty_prompt) then uses zero embeddings.
+        cond, uncond, pooled, pooled_uncond = self.pipe.encode_prompt(
+            list(prompts), device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=True,
+            negative_prompt=None)
+        # Micro-conditioning as the pipeline's default: generated at full size, uncropped.
+        size = self.resolution
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=self.device, dtype=cond.dtype)
+        time_ids = time_ids.expand(len(prompts), -1)
+        return Conditioning(cond, pooled, time_ids), Conditioning(uncond, pooled_uncond, time_ids)
 
     def guided_output(self, x_t, t, cond, uncond, guidance: float) -> torch.Tensor:
         return guided_output(self.unet, x_t, t, cond, uncond, guidance)
+
+    def _vae_precision(self):
+        """SDXL's own VAE overflows in fp16 (its config says force_upcast): keep it out of fp16 autocast."""
+        if self.family == "sdxl" and self.vae.config.get("force_upcast", False) and self.vae.dtype == torch.float32:
+            return torch.autocast(self.device.type, enabled=False)
+        return contextlib.nullcontext()
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] -> scaled latents (posterior mean)."""
         images = images.to(device=self.device, dtype=self.vae.dtype)
-        return self.vae.encode(images).latent_dist.mean * self.vae.config.scaling_factor
+        with self._vae_precision():
+            return self.vae.encode(images).latent_dist.mean * self.vae.config.scaling_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images in [-1, 1]."""
-        return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample.clamp(-1, 1)
+        with self._vae_precision():
+            return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample.clamp(-1, 1)

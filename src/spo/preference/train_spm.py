@@ -27,7 +27,8 @@ TRAIN_PARAMS = ("conditioning", "vision", "all")
 class SPMTrainConfig:
     dataset: str = ""  # preference data: hub id, save_to_disk dir, parquet dir or file (Pick-a-Pic schema)
     split: str = "train"  # dataset split to train on
-    diffusion_model: str = ""  # diffusers pipeline (hub id or dir) used for the noising step
+    diffusion_model: str = ""  # SD or SDXL diffusers pipeline (hub id or dir) used for the noising step
+    vae: str = ""  # separate VAE for it (e.g. madebyollin/sdxl-vae-fp16-fix); empty = the pipeline's own
     base: str = ""  # CLIP checkpoint to start from (e.g. yuvalkirstain/PickScore_v1)
     processor: str = ""  # image processor / tokenizer source; empty = same as base
     output_dir: str = "runs/spm"  # where the model, checkpoints, logs and data report go
@@ -125,8 +126,9 @@ def _relabel(ds, spm, resolution: int, threshold: float, batch: int = 64):
             if b is None:
                 new0.append(item["label_0"]), keep.append(True)  # the training collator will count and skip it
                 continue
+            dev = next(spm.parameters()).device
             with torch.no_grad():
-                s = torch.stack([spm(b["img0"], b["captions"], 0), spm(b["img1"], b["captions"], 0)], -1)
+                s = torch.stack([spm(b["img0"].to(dev), b["captions"], 0), spm(b["img1"].to(dev), b["captions"], 0)], -1)
             p = s.softmax(-1)[0]
             new0.append(float(p[0] > p[1]))
             keep.append(bool((p[0] - p[1]).abs() >= threshold))
@@ -178,13 +180,13 @@ def train_spm(cfg: SPMTrainConfig, log=print) -> Path:
         save_config(cfg, output / "config.yaml")
 
     ds = load_preference_dataset(cfg.dataset, cfg.split)
-    diffusion = Diffusion(load_pipeline(cfg.diffusion_model))
-    for module in (diffusion.unet, diffusion.vae, diffusion.pipe.text_encoder):
+    diffusion = Diffusion(load_pipeline(cfg.diffusion_model, vae=cfg.vae or None))
+    for module in (diffusion.unet, *diffusion.frozen_modules()):
         module.requires_grad_(False).to(accelerator.device)
     spm = StepAwareCLIP.from_base(cfg.base, cfg.processor or None, time_conditioned=cfg.time_conditioned,
                                   num_train_timesteps=diffusion.scheduler.config.num_train_timesteps)
     if cfg.relabel_threshold >= 0:
-        ds = _relabel(ds, spm, diffusion.resolution, cfg.relabel_threshold)
+        ds = _relabel(ds, spm.to(accelerator.device), diffusion.resolution, cfg.relabel_threshold)  # on the GPU
         log(f"[spm] relabelled with the base model at t=0: {len(ds)} pairs kept (threshold {cfg.relabel_threshold})")
     if cfg.per_prompt_weighting:
         ds = ds.add_column("weight", prompt_weights(list(ds["caption"])).tolist())
