@@ -37,8 +37,9 @@ def cli() -> None:
 
     \b
     SPO:
-      spo train           post-train a diffusion model with SPO (LoRA or full)
+      spo train           post-train a diffusion model with SPO (LoRA or full), or --method diffusion-dpo
       spo generate        images for prompts, base and tuned side by side
+      spo evaluate        models x scorers on a prompt set: means, CIs, win rates, grid
 
     \b
     Step-aware preference model:
@@ -128,7 +129,7 @@ def train_spm_command(config_path: Path | None, overrides: tuple[str, ...]) -> N
     from spo.world import resolve
 
     cfg = load_config(SPMTrainConfig, config_path, list(overrides))
-    for name in ("dataset", "diffusion_model", "base", "processor"):
+    for name in ("dataset", "diffusion_model", "vae", "base", "processor"):
         setattr(cfg, name, resolve(getattr(cfg, name)))
     _writable_dir(Path(cfg.output_dir))
     final = train_spm(cfg, log=lambda m: click.echo(m, err=True))
@@ -182,13 +183,21 @@ def evaluate_spm_command(spm_dirs, base, processor, dataset, split, diffusion_mo
               help="YAML recipe (configs/world.yaml, configs/sd15.yaml).")
 @click.option("--resume", default="", help='Continue a run: a checkpoint dir, or "latest" in log.output_dir.')
 @click.option("--overwrite", is_flag=True, help="Replace a run already in log.output_dir.")
+@click.option("--method", type=click.Choice(["spo", "diffusion-dpo"]), default=None,
+              help="spo, or the Diffusion-DPO baseline on offline pairs (dpo.* fields); default: the config's.")
 @click.argument("overrides", nargs=-1)
-def train(config_path: Path | None, resume: str, overwrite: bool, overrides: tuple[str, ...]) -> None:
-    """Post-train with SPO. OVERRIDES are dotted key=value config fields, e.g. sample.num_candidates=4."""
+def train(config_path: Path | None, resume: str, overwrite: bool, method: str | None, overrides: tuple[str, ...]) -> None:
+    """Post-train with SPO (or a baseline). OVERRIDES are dotted key=value config fields, e.g. sample.num_candidates=4.
+
+    \b
+      spo train --config configs/world.yaml
+      spo train --config configs/world_dpo.yaml          # the Diffusion-DPO baseline on the world's pairs
+      spo train --config configs/sd15.yaml --method diffusion-dpo dpo.dataset=yuvalkirstain/pickapic_v2
+    """
     from spo.config import load_config
     from spo.trainer import SPOConfig, SPOTrainer
 
-    cfg = load_config(SPOConfig, config_path, list(overrides))
+    cfg = load_config(SPOConfig, config_path, list(overrides) + ([f"method={method}"] if method else []))
     _writable_dir(Path(cfg.log.output_dir).parent)
     out = SPOTrainer(cfg, overwrite=overwrite, resume=resume, log=lambda m: click.echo(m, err=True)).setup().train()
     click.echo(f"trained weights: {out}\nmetrics: {Path(cfg.log.output_dir) / 'metrics.jsonl'}\n"
@@ -196,7 +205,9 @@ def train(config_path: Path | None, resume: str, overwrite: bool, overrides: tup
 
 
 @cli.command()
-@click.option("--pretrained", default="world:sd", show_default=True, help="Base pipeline (hub id, dir, world:sd).")
+@click.option("--pretrained", default="world:sd", show_default=True,
+              help="Base SD or SDXL pipeline (hub id, dir, world:sd).")
+@click.option("--vae", default="", help="Separate VAE replacing the pipeline's, e.g. madebyollin/sdxl-vae-fp16-fix.")
 @click.option("--lora", "loras", multiple=True, type=click.Path(path_type=Path),
               help="LoRA (or full-pipeline) output dir of `spo train`; repeatable.")
 @click.option("--no-base", is_flag=True, help="Do not include the base model.")
@@ -208,7 +219,7 @@ def train(config_path: Path | None, resume: str, overwrite: bool, overrides: tup
 @click.option("--eta", type=float, default=0.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/generate"), show_default=True)
-def generate(pretrained, loras, no_base, prompt_texts, prompt_file, num, steps, guidance, eta, seed, out) -> None:
+def generate(pretrained, vae, loras, no_base, prompt_texts, prompt_file, num, steps, guidance, eta, seed, out) -> None:
     """Images for prompts from each model with the same seeds, and a captioned side-by-side grid."""
     from PIL import Image
 
@@ -228,7 +239,7 @@ def generate(pretrained, loras, no_base, prompt_texts, prompt_file, num, steps, 
     out = _writable_dir(out)
     rows, labels = [], []
     for name, lora in models:
-        pipe = load_model(pretrained, lora)
+        pipe = load_model(pretrained, lora, vae=vae or None)
         images = gen_images(pipe, prompts, seed, steps, guidance, eta, desc=name)
         (out / name).mkdir(exist_ok=True)
         for i, img in enumerate(images):
@@ -241,6 +252,61 @@ def generate(pretrained, loras, no_base, prompt_texts, prompt_file, num, steps, 
     grid = captioned_grid(grid_images, grid_labels, out / "grid.png", cols=cols,
                           title=f"rows: {', '.join(n for n, _ in models)}; seeds {seed}+i; DDIM {steps}, CFG {guidance:g}")
     click.echo(f"images: {out}/<model>/NNNN.png\ngrid: {grid}")
+
+
+@cli.command()
+@click.option("--model", "model_specs", multiple=True, metavar="NAME=SPEC",
+              help="Model to evaluate (repeatable; the first is the baseline). SPEC is a base pipeline (hub id, "
+                   "directory or world:sd), BASE+LORA_DIR (a LoRA from `spo train` on BASE), or a full-pipeline "
+                   "directory. Default: base=world:sd.")
+@click.option("--scorer", "scorer_specs", multiple=True, metavar="NAME[=WEIGHTS]",
+              help="Scorer (repeatable): world-utility, world-pickscore, pickscore, clipscore, aesthetic, hpsv2, "
+                   "imagereward. =WEIGHTS gives other weights: a directory or hub id for the CLIP-based ones, a "
+                   "checkpoint file for aesthetic, hpsv2, imagereward. Default: world-utility and world-pickscore "
+                   "for world prompts, else pickscore, hpsv2, imagereward and aesthetic.")
+@click.option("--prompts", "prompt_source", default="world:test", show_default=True,
+              help="Prompt file or set (txt/json/jsonl/csv, hub dataset, world:test, spo:4k).")
+@click.option("--num-prompts", type=click.IntRange(1), default=None, help="Use only the first N prompts (default: all).")
+@click.option("--steps", type=click.IntRange(1, 1000), default=20, show_default=True, help="DDIM steps.")
+@click.option("--guidance", type=float, default=5.0, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM eta.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Prompt i is drawn from seed + i.")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--grid", "grid_prompts", type=click.IntRange(1), default=8, show_default=True,
+              help="Prompts (columns) in grid.png.")
+@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/evaluate"), show_default=True)
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Generated images, one PNG per (model, prompt, seed, sampler settings). Default: OUT/cache.")
+def evaluate(model_specs, scorer_specs, prompt_source, num_prompts, steps, guidance, eta, seed, batch_size,
+             grid_prompts, device, out, cache_dir) -> None:
+    """Generate images for a prompt set with fixed seeds, score them, compare every model with the first.
+
+    Defaults are the paper's evaluation settings (DDIM 20 steps, CFG 5, eta 0). Images are cached, so
+    scoring again with another --scorer does not regenerate them.
+
+    \b
+      spo evaluate --model base=world:sd --model spo=world:sd+runs/demo/train/lora --num-prompts 128
+      spo evaluate --model sd15=runwayml/stable-diffusion-v1-5 \\
+                   --model spo=runwayml/stable-diffusion-v1-5+runs/spo-sd15/lora --prompts prompts.txt \\
+                   --scorer pickscore --scorer hpsv2=/ckpt/HPS_v2.1_compressed.pt --scorer aesthetic
+    """
+    from spo.evaluation import Sampler, default_scorers, evaluate_models, parse_model_spec
+    from spo.prompts import load_prompts
+    from spo.scorers import parse_scorer_spec
+
+    models = [parse_model_spec(m) for m in model_specs or ["base=world:sd"]]
+    for spec in scorer_specs:
+        parse_scorer_spec(spec)  # unknown names fail before any work
+    prompts = load_prompts(prompt_source)[:num_prompts]
+    out = _writable_dir(out)
+    cache_dir = _writable_dir(cache_dir or out / "cache")
+    evaluate_models(models, list(scorer_specs) or default_scorers(prompts), prompts, prompt_source,
+                    Sampler(steps, guidance, eta, seed), out, cache_dir, batch_size, grid_prompts, device,
+                    log=lambda m: click.echo(m, err=True))
+    click.echo((out / "results.md").read_text())
+    click.echo(f"results: {out / 'results.json'} (also .csv, .md), per prompt: {out / 'per_prompt.csv'}, "
+               f"grid: {out / 'grid.png'}, images: {cache_dir}")
 
 
 def _sample_and_score(world_dir, prompts, num, steps, guidance, seed, out) -> None:

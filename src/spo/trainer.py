@@ -24,7 +24,7 @@ from spo.config import save_config, to_plain
 from spo.errors import SPOError
 from spo.files import atomic_directory, keep_newest
 from spo.methods.spo import spo_loss
-from spo.models import guided_output
+from spo.models import FAMILIES, Conditioning, as_conditioning, guided_output
 from spo.resampler import Pairs, resample
 from spo.sampling import ddim_transition, transition_log_ratio
 
@@ -36,7 +36,8 @@ DEFAULT_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 @dataclass
 class ModelConfig:
-    pretrained: str = "world:sd"  # diffusers pipeline: hub id, local dir, or world:sd
+    pretrained: str = "world:sd"  # SD or SDXL diffusers pipeline (family read from it): hub id, local dir, world:sd
+    vae: str = ""  # separate VAE replacing the pipeline's (e.g. madebyollin/sdxl-vae-fp16-fix); empty = its own
     spm: str = "world:spm"  # step-aware preference model directory (`spo train-spm` output)
     use_lora: bool = True  # False: full fine-tuning (the reference is then a frozen copy)
     lora_rank: int = 4
@@ -84,12 +85,27 @@ class LogConfig:
 
 
 @dataclass
+class DPOConfig:
+    """The Diffusion-DPO baseline (method: diffusion-dpo): offline pairs instead of the resampler."""
+
+    dataset: str = "world:preference"  # Pick-a-Pic-schema pairs: hub id, save_to_disk dir, parquet dir or file
+    split: str = "train"
+    beta: float = 2000.0  # Wallace et al.'s SD1.5 value (their loss scales it by 1/2)
+    pairs_per_epoch: int = 512  # an epoch is the unit of checkpoints and logs; the data is cycled through
+
+
+METHODS = ("spo", "diffusion-dpo")
+
+
+@dataclass
 class SPOConfig:
     prompts: str = "world:train"  # prompt set: file (txt/json/jsonl/csv), dataset id, spo:4k or world:SPLIT
+    method: str = "spo"  # spo | diffusion-dpo (the baseline; uses the dpo group and the shared model/train/log)
     model: ModelConfig = field(default_factory=ModelConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     train: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
     def validate(self) -> None:
         s, t = self.sample, self.train
@@ -110,6 +126,8 @@ class SPOConfig:
             (t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision must be no, fp16 or bf16"),
             (self.model.lora_rank >= 1, f"model.lora_rank must be >= 1, got {self.model.lora_rank}"),
             (self.log.report_to in ("tensorboard", "wandb", "none"), "log.report_to must be tensorboard, wandb or none"),
+            (self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}"),
+            (self.dpo.beta > 0 and self.dpo.pairs_per_epoch >= 1, "dpo.beta must be > 0 and dpo.pairs_per_epoch >= 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -126,12 +144,13 @@ class SPOConfig:
 # ------------------------------------------------------------------ pure pieces
 
 
-def transition_inputs(pairs: Pairs, cond: torch.Tensor, uncond: torch.Tensor):
+def transition_inputs(pairs: Pairs, cond: Conditioning, uncond: Conditioning):
     """UNet inputs for a batch of pairs: x_t once per pair, plus x_t_lose where it differs (inner steps)."""
+    cond, uncond = as_conditioning(cond), as_conditioning(uncond)
     extra = (~pairs.shared).nonzero().flatten()
     x = torch.cat([pairs.x_t, pairs.x_t_lose[extra]])
     t = torch.cat([pairs.timesteps, pairs.timesteps[extra]])
-    return x, t, torch.cat([cond, cond[extra]]), torch.cat([uncond, uncond[extra]]), extra
+    return x, t, Conditioning.cat([cond, cond[extra]]), Conditioning.cat([uncond, uncond[extra]]), extra
 
 
 def pair_loss(policy_unet, reference_out: torch.Tensor, scheduler, pairs: Pairs, cond, uncond, guidance: float,
@@ -158,6 +177,12 @@ def pair_loss(policy_unet, reference_out: torch.Tensor, scheduler, pairs: Pairs,
 
 def epoch_generator(seed: int, epoch: int, rank: int, purpose: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1009 + rank) * 7 + purpose)
+
+
+def cycled_order(n_items: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n indices into n_items: whole shuffled passes, then part of one more."""
+    passes = [torch.randperm(n_items, generator=generator) for _ in range(-(-n // n_items))]
+    return torch.cat(passes)[:n]
 
 
 def share_out(parts: list[Pairs], rank: int, world: int, seed: int, epoch: int) -> Pairs:
@@ -187,6 +212,7 @@ class SPOTrainer:
         self.cfg, self.overwrite, self.resume, self.log = cfg, overwrite, resume, log
         self.out = Path(cfg.log.output_dir)
         self.epoch = self.global_step = self.nonfinite_in_a_row = self.nonfinite_total = 0
+        self.unet_rows = {"forward": 0, "train": 0}
 
     # ---------------------------------------------------------------- setup
 
@@ -195,12 +221,10 @@ class SPOTrainer:
         from accelerate.utils import ProjectConfiguration
 
         from spo.models import Diffusion, load_pipeline
-        from spo.preference.spm import StepAwareCLIP
-        from spo.prompts import load_prompts
         from spo.world import resolve
 
         cfg = self.cfg
-        self.prompts = load_prompts(cfg.prompts)
+        self._load_training_data()
         self.acc = Accelerator(
             cpu=not torch.cuda.is_available(),  # so that a multi-process launch on CPUs forms one group
             mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
@@ -212,11 +236,14 @@ class SPOTrainer:
         from accelerate.utils import set_seed
 
         set_seed(cfg.train.seed)  # the LoRA initialisation draws from the global generators
-        pipe = load_pipeline(resolve(cfg.model.pretrained))
+        pipe = load_pipeline(resolve(cfg.model.pretrained), vae=resolve(cfg.model.vae) or None)
         self.diffusion = Diffusion(pipe)
-        self.spm = StepAwareCLIP.from_pretrained(resolve(cfg.model.spm)).eval().requires_grad_(False)
         device = self.acc.device
-        for module in (pipe.vae, pipe.text_encoder, self.spm):
+        if cfg.method == "spo":
+            from spo.preference.spm import load_scorer_model
+
+            self.spm = load_scorer_model(resolve(cfg.model.spm)).eval().requires_grad_(False).to(device)
+        for module in self.diffusion.frozen_modules():
             module.requires_grad_(False).to(device)
         unet = pipe.unet
         if cfg.model.use_lora:
@@ -232,6 +259,9 @@ class SPOTrainer:
         if cfg.model.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         unet.to(device)
+        for model in (unet, self.reference_unet):
+            if model is not None:
+                model.register_forward_pre_hook(self._count_unet_rows, with_kwargs=True)
         self.trainable = [p for p in unet.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.trainable, lr=cfg.train.learning_rate, weight_decay=cfg.train.adam_weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -248,6 +278,31 @@ class SPOTrainer:
                 self.acc.init_trackers("spo", config=flat)
         return self
 
+    def _load_training_data(self) -> None:
+        """SPO samples its own pairs from prompts; the Diffusion-DPO baseline reads offline pairs."""
+        from spo.world import resolve
+
+        if self.cfg.method == "spo":
+            from spo.prompts import load_prompts
+
+            self.prompts = load_prompts(self.cfg.prompts)
+            return
+        from spo.preference.data import load_preference_dataset
+
+        data = load_preference_dataset(resolve(self.cfg.dpo.dataset), self.cfg.dpo.split)
+        # Diffusion-DPO learns from strict preferences only; ties are dropped as in the authors' script.
+        self.pairs_data = data.filter(lambda a, b: a != b, input_columns=["label_0", "label_1"])
+        self.prompts = []
+        self.log(f"[diffusion-dpo] {len(self.pairs_data)} pairs with a strict preference "
+                 f"({len(data) - len(self.pairs_data)} ties dropped)")
+        if len(self.pairs_data) == 0:
+            raise SPOError(f"no strictly preferred pairs in {self.cfg.dpo.dataset} ({self.cfg.dpo.split})")
+
+    def _count_unet_rows(self, module, args, kwargs) -> None:
+        """Machine-independent compute: UNet rows evaluated with gradients (forward + backward) or without."""
+        sample = args[0] if args else kwargs["sample"]
+        self.unet_rows["train" if torch.is_grad_enabled() else "forward"] += len(sample)
+
     def _check_output_dir(self) -> None:
         if self.resume or not (self.out / "run.json").exists():
             return
@@ -260,9 +315,9 @@ class SPOTrainer:
 
     # ---------------------------------------------------------------- sampling
 
-    def reference_output(self, x_t, t, cond, uncond) -> torch.Tensor:
+    def reference_output(self, x_t, t, cond, uncond, guidance: float | None = None) -> torch.Tensor:
         """The frozen base model's guided output: adapters switched off, no second copy of the UNet."""
-        guidance = self.cfg.sample.guidance_scale
+        guidance = self.cfg.sample.guidance_scale if guidance is None else guidance
         with torch.no_grad():
             if self.reference_unet is not None:
                 return guided_output(self.reference_unet, x_t, t, cond, uncond, guidance)
@@ -332,24 +387,8 @@ class SPOTrainer:
                 ref = self.reference_output(x, t, c, u)
                 loss, info = pair_loss(self.unet, ref, self.diffusion.scheduler, batch, cond, uncond,
                                        cfg.sample.guidance_scale, cfg.sample.eta, cfg.train.beta, cfg.train.eps)
-            if not torch.isfinite(loss):
-                self.nonfinite_total += 1
-                self.nonfinite_in_a_row += 1
-                self.optimizer.zero_grad()
-                self.log(f"[spo] warning: non-finite loss skipped ({self.nonfinite_in_a_row} in a row)")
-                if self.nonfinite_in_a_row >= cfg.train.max_nonfinite_in_a_row:
-                    raise SPOError(f"{self.nonfinite_in_a_row} non-finite losses in a row; lower train.learning_rate "
-                                   f"or use mixed_precision=bf16/no")
+            if not self._optimize(loss):
                 return
-            self.nonfinite_in_a_row = 0
-            acc.backward(loss)
-            if acc.sync_gradients and cfg.train.max_grad_norm > 0:
-                acc.clip_grad_norm_(self.trainable, cfg.train.max_grad_norm)
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad()
-        if acc.sync_gradients:
-            self.global_step += 1
         lo, hi = math.log(1 - cfg.train.eps), math.log(1 + cfg.train.eps)
         lw, ll = info["log_ratio_win"], info["log_ratio_lose"]
         metrics["loss"].append(loss.item())
@@ -358,31 +397,115 @@ class SPOTrainer:
         metrics["ratio_lose"].append(ll.exp().mean().item())
         metrics["clipped"].append(((lw < lo) | (lw > hi) | (ll < lo) | (ll > hi)).float().mean().item())
 
-    def train(self) -> Path:
+    def _optimize(self, loss: torch.Tensor) -> bool:
+        """Backward and (at the end of an accumulation) an optimizer step; False when the loss was skipped."""
+        cfg, acc = self.cfg, self.acc
+        if not torch.isfinite(loss):
+            self.nonfinite_total += 1
+            self.nonfinite_in_a_row += 1
+            self.optimizer.zero_grad()
+            self.log(f"[{cfg.method}] warning: non-finite loss skipped ({self.nonfinite_in_a_row} in a row)")
+            if self.nonfinite_in_a_row >= cfg.train.max_nonfinite_in_a_row:
+                raise SPOError(f"{self.nonfinite_in_a_row} non-finite losses in a row; lower train.learning_rate "
+                               f"or use mixed_precision=bf16/no")
+            return False
+        self.nonfinite_in_a_row = 0
+        acc.backward(loss)
+        if acc.sync_gradients and cfg.train.max_grad_norm > 0:
+            acc.clip_grad_norm_(self.trainable, cfg.train.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad()
+        if acc.sync_gradients:
+            self.global_step += 1
+        return True
+
+    # ---------------------------------------------------------------- the Diffusion-DPO baseline
+
+    def dpo_epoch(self, epoch: int) -> dict:
+        """`dpo.pairs_per_epoch` offline pairs, the same order on every process, each taking its share."""
+        from spo.preference.data import PairCollator
+
+        cfg, acc = self.cfg, self.acc
+        collate = PairCollator(self.diffusion.resolution)
+        order = cycled_order(len(self.pairs_data), cfg.dpo.pairs_per_epoch, epoch_generator(cfg.train.seed, epoch, 0, 20))
+        mine = order[acc.process_index :: acc.num_processes].tolist()
+        gen = epoch_generator(cfg.train.seed, epoch, acc.process_index, 21)
+        metrics = {"loss": [], "reward_accuracy": [], "margin": []}
+        t0, used = time.time(), 0
+        for start in range(0, len(mine), cfg.train.batch_size):
+            batch = collate([self.pairs_data[i] for i in mine[start : start + cfg.train.batch_size]])
+            if batch is None:
+                continue
+            first_wins = (batch["labels"][:, 0] > 0.5)[:, None, None, None]
+            win = torch.where(first_wins, batch["img0"], batch["img1"])
+            lose = torch.where(first_wins, batch["img1"], batch["img0"])
+            self._dpo_step(win, lose, batch["captions"], gen, metrics)
+            used += len(win)
+        out = {k: float(torch.tensor(v).float().mean()) if v else float("nan") for k, v in metrics.items()}
+        out.update(pairs_trained=used, pairs_per_s=used / max(time.time() - t0, 1e-9),
+                   data={k: v for k, v in collate.report.summary().items() if k != "pairs used"})
+        return out
+
+    def _dpo_step(self, win, lose, captions: list[str], gen: torch.Generator, metrics: dict) -> None:
+        from spo.methods.diffusion_dpo import denoising_target, diffusion_dpo_loss, per_sample_mse
+        from spo.sampling import add_noise
+
+        cfg, acc, d = self.cfg, self.acc, self.diffusion
+        n = len(captions)
+        latents = d.encode_images(torch.cat([win, lose]))
+        noise = torch.randn(latents[:n].shape, generator=gen).to(latents).repeat(2, 1, 1, 1)  # shared by the pair
+        t = torch.randint(0, d.scheduler.config.num_train_timesteps, (n,), generator=gen).repeat(2).to(latents.device)
+        x_t = add_noise(d.scheduler, latents, noise, t)
+        target = denoising_target(d.scheduler, latents, noise, t)
+        cond, _ = d.encode_prompts(captions + captions)
+        with acc.accumulate(self.unet):
+            with acc.autocast():
+                err_ref = per_sample_mse(self.reference_output(x_t, t, cond, cond, guidance=1.0), target)
+                err_pol = per_sample_mse(guided_output(self.unet, x_t, t, cond, cond, 1.0), target)
+                loss, margin = diffusion_dpo_loss(err_pol[:n], err_pol[n:], err_ref[:n], err_ref[n:], cfg.dpo.beta)
+            if not self._optimize(loss):
+                return
+        metrics["loss"].append(loss.item())
+        metrics["reward_accuracy"].append((margin > 0).float().mean().item())
+        metrics["margin"].append(margin.mean().item())
+
+    # ---------------------------------------------------------------- the loop
+
+    def train(self, on_epoch_end=None) -> Path:
+        """Run the remaining epochs; `on_epoch_end(trainer)` is called after each (e.g. to snapshot or evaluate)."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        bar = tqdm(total=cfg.train.num_epochs, initial=self.epoch, desc="spo", disable=not self.acc.is_main_process)
+        bar = tqdm(total=cfg.train.num_epochs, initial=self.epoch, desc=cfg.method, disable=not self.acc.is_main_process)
         while self.epoch < cfg.train.num_epochs:
             t0 = time.time()
-            pairs, stats, prompts = self.sample_epoch(self.epoch)
-            t_sample = time.time() - t0
-            m = self.train_epoch(pairs, prompts, self.epoch)
+            m = self._spo_epoch(self.epoch) if cfg.method == "spo" else self.dpo_epoch(self.epoch)
             self.epoch += 1
-            kept = sum(s.kept for s in stats) / max(1, sum(s.candidates for s in stats))
-            spm_mean = sum(s.score_sum for s in stats) / max(1, sum(s.candidates for s in stats))
-            m.update(epoch=self.epoch, step=self.global_step, pairs_sampled=len(pairs), fraction_kept=kept,
-                     spm_score=spm_mean, lr=self.lr_scheduler.get_last_lr()[0], sample_seconds=t_sample,
+            m.update(epoch=self.epoch, step=self.global_step, lr=self.lr_scheduler.get_last_lr()[0],
                      epoch_seconds=time.time() - t0, peak_memory_mb=peak_memory_mb(self.acc.device),
-                     nonfinite_skipped=self.nonfinite_total)
+                     nonfinite_skipped=self.nonfinite_total, unet_forward_rows=self.unet_rows["forward"],
+                     unet_train_rows=self.unet_rows["train"])
             self._record(m)
             bar.update(1)
             bar.set_postfix(loss=f"{m.get('loss', float('nan')):.4f}", acc=f"{m.get('reward_accuracy', float('nan')):.2f}",
-                            pairs=len(pairs))
+                            pairs=m.get("pairs_trained", 0))
             if self.epoch % cfg.log.checkpointing_epochs == 0 or self.epoch == cfg.train.num_epochs:
                 self.save_checkpoint()
+            if on_epoch_end is not None:
+                on_epoch_end(self)
         bar.close()
         return self.save_outputs()
+
+    def _spo_epoch(self, epoch: int) -> dict:
+        t0 = time.time()
+        pairs, stats, prompts = self.sample_epoch(epoch)
+        t_sample = time.time() - t0
+        m = self.train_epoch(pairs, prompts, epoch)
+        kept = sum(s.kept for s in stats) / max(1, sum(s.candidates for s in stats))
+        spm_mean = sum(s.score_sum for s in stats) / max(1, sum(s.candidates for s in stats))
+        m.update(pairs_sampled=len(pairs), fraction_kept=kept, spm_score=spm_mean, sample_seconds=t_sample)
+        return m
 
     def _record(self, m: dict) -> None:
         if self.cfg.log.report_to != "none":
@@ -411,7 +534,7 @@ class SPOTrainer:
                 # state.json is written last: a checkpoint without it is incomplete and never resumed from
                 (tmp / "state.json").write_text(json.dumps(dict(
                     epoch=self.epoch, global_step=self.global_step, digest=self.cfg.digest(),
-                    nonfinite_total=self.nonfinite_total)))
+                    nonfinite_total=self.nonfinite_total, unet_rows=self.unet_rows)))
             done = sorted(self.out.glob("checkpoints/epoch-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
             keep_newest(done, self.cfg.log.checkpoints_total_limit)
         self.acc.wait_for_everyone()
@@ -437,6 +560,7 @@ class SPOTrainer:
         self.lr_scheduler.load_state_dict(torch.load(ckpt / "lr_scheduler.pt", weights_only=True))
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
+        self.unet_rows = dict(state.get("unet_rows", self.unet_rows))
         self.log(f"[spo] resumed from {ckpt} (epoch {self.epoch}, step {self.global_step})")
 
     def save_outputs(self) -> Path:
@@ -451,7 +575,7 @@ class SPOTrainer:
         if self.acc.is_main_process:
             with atomic_directory(target) as tmp:
                 if self.cfg.model.use_lora:
-                    save_lora(unet, tmp, self.cfg.model.lora_rank, self.cfg.model.lora_alpha)
+                    save_lora(unet, tmp, self.cfg.model.lora_rank, self.cfg.model.lora_alpha, type(self.diffusion.pipe))
                 else:
                     self.diffusion.pipe.unet = unet
                     self.diffusion.pipe.save_pretrained(tmp)
@@ -462,7 +586,8 @@ class SPOTrainer:
         return target
 
 
-def save_lora(unet, directory: Path, rank: int, alpha: float) -> None:
+def save_lora(unet, directory: Path, rank: int, alpha: float, pipeline_cls=None) -> None:
+    """The UNet's LoRA in the format `pipeline_cls.load_lora_weights` reads (SD's pipeline by default)."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
@@ -471,9 +596,11 @@ def save_lora(unet, directory: Path, rank: int, alpha: float) -> None:
     # The adapter metadata carries lora_alpha; without it diffusers would reload alpha = rank.
     metadata = unet.peft_config["default"].to_dict()
     metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
-    StableDiffusionPipeline.save_lora_weights(str(directory), unet_lora_layers=layers, safe_serialization=True,
-                                              unet_lora_adapter_metadata=metadata)
-    (directory / "spo_lora.json").write_text(json.dumps({"rank": rank, "alpha": alpha}))
+    pipeline_cls = pipeline_cls or StableDiffusionPipeline
+    pipeline_cls.save_lora_weights(str(directory), unet_lora_layers=layers, safe_serialization=True,
+                                   unet_lora_adapter_metadata=metadata)
+    family = FAMILIES.get(pipeline_cls.__name__, "sd")  # so that a LoRA is never applied to the other family
+    (directory / "spo_lora.json").write_text(json.dumps({"rank": rank, "alpha": alpha, "family": family}))
 
 
 def weights_fingerprint(state: dict[str, torch.Tensor]) -> str:

@@ -218,3 +218,14 @@ def _load_tokenizer(path):
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise SPOError(f"could not load a tokenizer from {path}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def load_scorer_model(path: str | Path) -> StepAwareCLIP:
+    """A saved SPM, or any plain CLIP/PickScore checkpoint used as a step-unaware scorer.
+
+    The second is the paper's "naive" ablation: the base preference model judging noisy
+    x0-predictions as if they were clean images (no timestep conditioning).
+    """
+    if (Path(path) / SPM_CONFIG).is_file():
+        return StepAwareCLIP.from_pretrained(path)
+    return StepAwareCLIP.from_base(path, time_conditioned=False)
