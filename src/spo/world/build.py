@@ -8,6 +8,7 @@ complete, so an interrupted build continues where it stopped):
     sd           Stable Diffusion pipeline: the CLIP text tower (frozen), a VAE and a UNet trained on scenes
     preference   image pairs sampled from `sd`, labelled by simulated humans, in the Pick-a-Pic schema
     pickscore    the CLIP fine-tuned on the preference pairs with the PickScore loss
+    spm_preference  fresh pairs on the training prompts, for training the step-aware preference model
     report       figures: base utility on held-out prompts, a sample grid, PickScore accuracy, timings
 """
 
@@ -53,6 +54,9 @@ class BuildConfig:
     ema_decay: float = 0.999
     caption_dropout: float = 0.1  # so classifier-free guidance works
     pairs: dict = field(default_factory=lambda: {"train": 2000, "validation": 200, "test": 400})
+    # Fresh pairs on the training prompts for the step-aware preference model: PickScore has
+    # memorised the train split, so fine-tuning it there again would teach the SPM next to nothing.
+    spm_pairs: int = 3000
     sample_steps: int = 20
     guidance_scales: tuple = (3.0, 5.0, 7.5)  # each image of a pair draws one, like Pick-a-Pic's mix of models
     eta: float = 1.0
@@ -65,7 +69,7 @@ class BuildConfig:
     def tiny_config(cls, seed: int = 0) -> "BuildConfig":
         return cls(
             seed=seed, tiny=True, n_images=256, clip_steps=3, clip_batch=16, vae_steps=3, vae_batch=8,
-            unet_steps=3, unet_batch=8, pairs={"train": 12, "validation": 4, "test": 6}, sample_steps=3,
+            unet_steps=3, unet_batch=8, pairs={"train": 12, "validation": 4, "test": 6}, spm_pairs=8, sample_steps=3,
             pickscore_steps=3, pickscore_batch=4,
         )
 
@@ -304,7 +308,8 @@ def build(out: str | Path, cfg: BuildConfig, force: bool = False, log=print) -> 
         for child in out.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
     timings = _read_json(out / "timings.json")
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if "OMP_NUM_THREADS" not in os.environ:  # an explicit setting wins (e.g. 1 on a shared machine)
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
 
     def stage(name: str) -> tuple[bool, float]:
         done = (out / name).exists()
@@ -369,6 +374,18 @@ def build(out: str | Path, cfg: BuildConfig, force: bool = False, log=print) -> 
         _save_clip(clip, tokenizer, out / "pickscore")
         finish("pickscore", t0)
 
+    done, t0 = stage("spm_preference")
+    if not done:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(out / "sd")
+        pipe.set_progress_bar_config(disable=True)
+        train_prompts = prompts.split_prompts(cfg.seed)["train"]
+        with atomic_directory(out / "spm_preference") as tmp:
+            rows = preference_data.generate_pairs(pipe, train_prompts, cfg.spm_pairs, cfg, seed=cfg.seed + hash_split("spm"))
+            preference_data.write_split(rows, tmp, "train")
+        finish("spm_preference", t0)
+
     t0 = time.time()
     figures = report.world_report(out, cfg)
     timings["report"] = round(time.time() - t0, 1)
@@ -389,7 +406,7 @@ def _save_clip(clip, tokenizer, final: Path) -> None:
 
 
 def hash_split(split: str) -> int:
-    return {"train": 1_000_000, "validation": 2_000_000, "test": 3_000_000}[split]
+    return {"train": 1_000_000, "validation": 2_000_000, "test": 3_000_000, "spm": 4_000_000}[split]
 
 
 def _jsonable(cfg: BuildConfig) -> dict:
