@@ -19,11 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from world_runs import (  # noqa: E402
-    evaluate_lora, forward_equivalents, machine, markdown_table, summary_row, train_with_snapshots,
+    evaluate_lora, machine, markdown_table, summary_row, train_with_snapshots,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -126,6 +126,21 @@ def test_plain_variant_has_no_conditioning_and_ignores_t(random_clip_dir, tmp_pa
         torch.testing.assert_close(spm(x, ["a red circle"] * 2, torch.tensor([0, 0])), spm(x, ["a red circle"] * 2, torch.tensor([900, 900])))
 
 
+def test_a_plain_clip_loads_as_a_step_unaware_scorer(random_clip_dir, tmp_path):
+    """The "naive" ablation: model.spm may name a plain CLIP/PickScore, which then ignores t."""
+    from spo.preference.spm import load_scorer_model
+
+    plain = load_scorer_model(random_clip_dir).eval()
+    assert plain.conditioning is None
+    trained = StepAwareCLIP.from_base(random_clip_dir).eval()
+    trained.save_pretrained(tmp_path / "spm")
+    assert load_scorer_model(tmp_path / "spm").conditioning is not None
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x, ["a red circle"] * 2, torch.tensor([0, 900])),
+                                   trained(x, ["a red circle"] * 2, torch.tensor([0, 0])))
+
+
 def test_loading_something_that_is_not_an_spm_says_so(random_clip_dir):
     from spo.errors import SPOError
 

@@ -126,11 +126,8 @@ def train_spm_command(config_path: Path | None, overrides: tuple[str, ...]) -> N
     """
     from spo.config import load_config
     from spo.preference.train_spm import SPMTrainConfig, train_spm
-    from spo.world import resolve
 
     cfg = load_config(SPMTrainConfig, config_path, list(overrides))
-    for name in ("dataset", "diffusion_model", "vae", "base", "processor"):
-        setattr(cfg, name, resolve(getattr(cfg, name)))
     _writable_dir(Path(cfg.output_dir))
     final = train_spm(cfg, log=lambda m: click.echo(m, err=True))
     click.echo(f"step-aware preference model saved to {final}")
@@ -167,8 +164,10 @@ def evaluate_spm_command(spm_dirs, base, processor, dataset, split, diffusion_mo
     if any(not 0 <= t < diffusion.scheduler.config.num_train_timesteps for t in ts):
         raise SPOError(f"--timesteps must lie in [0, {diffusion.scheduler.config.num_train_timesteps})")
     models = {"base (naive)": StepAwareCLIP.from_base(resolve(base), resolve(processor) or None, time_conditioned=False)}
+    names = [Path(d).name for d in spm_dirs]
     for d in spm_dirs or [resolve("world:spm")]:
-        models[f"SPM {Path(d).name}" if len(spm_dirs) > 1 else "SPM"] = StepAwareCLIP.from_pretrained(resolve(str(d)))
+        label = "SPM" if len(spm_dirs) <= 1 else f"SPM {Path(d).name if names.count(Path(d).name) == 1 else d}"
+        models[label] = StepAwareCLIP.from_pretrained(resolve(str(d)))
     for m in models.values():
         m.eval()
     ds = load_preference_dataset(resolve(dataset), split)

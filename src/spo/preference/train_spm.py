@@ -165,6 +165,7 @@ def train_spm(cfg: SPMTrainConfig, log=print) -> Path:
     from spo.models import Diffusion, load_pipeline
     from spo.preference.data import PairCollator, load_preference_dataset, prompt_weights
     from spo.preference.spm import StepAwareCLIP
+    from spo.world import resolve
 
     cfg.validate()
     output = Path(cfg.output_dir)
@@ -179,12 +180,14 @@ def train_spm(cfg: SPMTrainConfig, log=print) -> Path:
         output.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output / "config.yaml")
 
-    ds = load_preference_dataset(cfg.dataset, cfg.split)
-    diffusion = Diffusion(load_pipeline(cfg.diffusion_model, vae=cfg.vae or None))
+    ds = load_preference_dataset(resolve(cfg.dataset), cfg.split)
+    diffusion = Diffusion(load_pipeline(resolve(cfg.diffusion_model), vae=resolve(cfg.vae) or None))
     for module in (diffusion.unet, *diffusion.frozen_modules()):
         module.requires_grad_(False).to(accelerator.device)
-    spm = StepAwareCLIP.from_base(cfg.base, cfg.processor or None, time_conditioned=cfg.time_conditioned,
+    spm = StepAwareCLIP.from_base(resolve(cfg.base), resolve(cfg.processor) or None, time_conditioned=cfg.time_conditioned,
                                   num_train_timesteps=diffusion.scheduler.config.num_train_timesteps)
+    # Record what it was built from as the user named it ("world:pickscore"), not this machine's path.
+    spm.config.base_model, spm.config.processor = cfg.base, cfg.processor or cfg.base
     if cfg.relabel_threshold >= 0:
         ds = _relabel(ds, spm.to(accelerator.device), diffusion.resolution, cfg.relabel_threshold)  # on the GPU
         log(f"[spm] relabelled with the base model at t=0: {len(ds)} pairs kept (threshold {cfg.relabel_threshold})")
