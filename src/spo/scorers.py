@@ -90,14 +90,10 @@ def load_scorer(spec: str, device: str | None = None, **options) -> Scorer:
 
 def clip_pixels(images: np.ndarray, size: int, mean, std, device="cpu") -> torch.Tensor:
     """[0, 1] NHWC images -> normalised NCHW `size`x`size` pixels: shortest side to `size`, centre crop."""
+    from spo.images import resize_center_crop
+
     x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).permute(0, 3, 1, 2).to(device)
-    h, w = x.shape[-2:]
-    if (h, w) != (size, size):
-        scale = size / min(h, w)
-        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-        x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-        top, left = (nh - size) // 2, (nw - size) // 2
-        x = x[..., top : top + size, left : left + size]
+    x = resize_center_crop(x, size)
     mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(std, device=device).view(1, 3, 1, 1)
     return (x - mean) / std

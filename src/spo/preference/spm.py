@@ -139,15 +139,9 @@ class StepAwareCLIP(nn.Module):
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] at any size -> CLIP pixel values (resize shortest side, centre crop, normalise)."""
-        x = (images.float() + 1) / 2
-        size = self.config.image_size
-        h, w = x.shape[-2:]
-        if (h, w) != (size, size):
-            scale = size / min(h, w)
-            nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-            x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-            top, left = (nh - size) // 2, (nw - size) // 2
-            x = x[..., top : top + size, left : left + size]
+        from spo.images import resize_center_crop
+
+        x = resize_center_crop((images.float() + 1) / 2, self.config.image_size)
         return (x - self.image_mean) / self.image_std
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
