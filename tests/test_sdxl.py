@@ -264,6 +264,20 @@ def test_generate_cli_on_sdxl_with_lora_and_separate_vae(sdxl_dir, sdxl_spm, tmp
     assert (out / lora_dir.name / "0001.png").is_file()
 
 
+def test_evaluate_cli_scores_an_sdxl_base_and_its_lora(sdxl_dir, sdxl_spm, tmp_path):
+    import json
+
+    lora_dir = SPOTrainer(_spo_config(sdxl_dir, sdxl_spm, tmp_path / "run"), log=lambda m: None).setup().train()
+    pipeline = sdxl_dir / "pipeline"
+    result = CliRunner().invoke(cli, [
+        "evaluate", "--model", f"base={pipeline}", "--model", f"spo={pipeline}+{lora_dir}", "--prompts", "world:test",
+        "--num-prompts", "2", "--steps", "2", "--scorer", "world-utility", "--out", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "eval" / "results.json").read_text())
+    text = json.dumps(report)
+    assert "world-utility" in text and str(lora_dir) in text and (tmp_path / "eval" / "grid.png").is_file()
+
+
 def test_a_lora_of_the_other_family_is_refused(sdxl_dir, tmp_path):
     from spo.generation import load_model
 
