@@ -70,27 +70,25 @@ def evaluate_lora(world: Path, lora: str | None, prompts: list[str], steps: int 
     Diversity: mean pairwise cosine distance between world-CLIP image features of `diversity_seeds`
     images of the same prompt; a policy that collapses onto one picture per prompt drives it to 0.
     """
-    from transformers import CLIPModel, CLIPTokenizer
-
     from spo.evaluation import clip_image_features
     from spo.generation import generate, load_model
     from spo.preference.spm import StepAwareCLIP
-    from spo.world.build import clip_scores, utilities
+    from spo.scorers import load_scorer
 
     pipe = load_model(str(world / "sd"), lora)
     images = generate(pipe, prompts, EVAL_SEED, steps, guidance, 0.0, desc="eval")
     pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() * 2 - 1
-    pick = CLIPModel.from_pretrained(world / "pickscore").eval()
+    pickscore = load_scorer(f"world-pickscore={world / 'pickscore'}").score(images, prompts)
     spm = StepAwareCLIP.from_pretrained(world / "spm").eval()
     with torch.no_grad():
-        pickscore = clip_scores(pick, CLIPTokenizer.from_pretrained(world / "tokenizer"), prompts, pixels)
         spm_t0 = spm(pixels, prompts, torch.zeros(len(prompts))).numpy()
     repeated = [p for p in prompts[:diversity_prompts] for _ in range(diversity_seeds)]
     variants = generate(pipe, repeated, DIVERSITY_SEED, steps, guidance, 0.0, desc="diversity")
     feats = clip_image_features(world / "clip", variants).reshape(len(repeated) // diversity_seeds, diversity_seeds, -1)
     cos = np.einsum("psf,pqf->psq", feats, feats)
     off = ~np.eye(diversity_seeds, dtype=bool)
-    return dict(utility=utilities(images, prompts).tolist(), pickscore=pickscore.tolist(), spm_t0=spm_t0.tolist(),
+    utility = load_scorer("world-utility").score(images, prompts)
+    return dict(utility=utility.tolist(), pickscore=np.asarray(pickscore).tolist(), spm_t0=spm_t0.tolist(),
                 diversity=float((1 - cos[:, off]).mean()), images=images[:16])
 
 

@@ -36,3 +36,18 @@ def tiny_spo_args(world, spm, out, *extra):
     return [f"model.pretrained={world / 'sd'}", f"model.spm={spm}", "sample.num_steps=4", "sample.divert_start_step=1",
             "sample.batch_size=2", "sample.threshold=0", "train.batch_size=2", "train.num_epochs=2",
             "train.learning_rate=1e-2", f"log.output_dir={out}", "log.report_to=none", *extra]
+
+
+def assert_same_run(resumed, uninterrupted):
+    """An interrupted-and-resumed run has the uninterrupted run's loss curve and final LoRA."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    losses = lambda d: [json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert losses(resumed) == pytest.approx(losses(uninterrupted), rel=1e-5)
+    a = load_file(str(uninterrupted / "lora" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(resumed / "lora" / "pytorch_lora_weights.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)

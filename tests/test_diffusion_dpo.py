@@ -6,9 +6,8 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
 
-from conftest import tiny_spo_args
+from conftest import assert_same_run, tiny_spo_args
 from spo.cli import cli
 from spo.config import load_config
 from spo.methods.diffusion_dpo import denoising_target, diffusion_dpo_loss, per_sample_mse
@@ -74,12 +73,7 @@ def test_dpo_run_trains_lora_counts_unet_rows_and_resumes_exactly(tiny_world, ti
     run(tmp_path / "part", 2).train()
     resumed = run(tmp_path / "part", 3, resume="latest")
     resumed.train()
-    losses = lambda d: [json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    assert losses(tmp_path / "part") == pytest.approx(losses(tmp_path / "full"), rel=1e-5)
-    a = load_file(str(tmp_path / "full" / "lora" / "pytorch_lora_weights.safetensors"))
-    b = load_file(str(tmp_path / "part" / "lora" / "pytorch_lora_weights.safetensors"))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+    assert_same_run(tmp_path / "part", tmp_path / "full")
 
 
 def test_cli_method_flag_runs_the_baseline(tiny_world, tiny_spm, tmp_path):
