@@ -221,7 +221,7 @@ class SPOTrainer:
         from accelerate.utils import ProjectConfiguration
 
         from spo.models import Diffusion, load_pipeline
-        from spo.world import resolve
+        from spo.plugins import resolve
 
         cfg = self.cfg
         self._load_training_data()
@@ -280,7 +280,7 @@ class SPOTrainer:
 
     def _load_training_data(self) -> None:
         """SPO samples its own pairs from prompts; the Diffusion-DPO baseline reads offline pairs."""
-        from spo.world import resolve
+        from spo.plugins import resolve
 
         if self.cfg.method == "spo":
             from spo.prompts import load_prompts
