@@ -12,7 +12,8 @@ from spo.cli import cli
 from spo.config import load_config
 from spo.methods.diffusion_dpo import denoising_target, diffusion_dpo_loss, per_sample_mse
 from spo.sampling import add_noise, predict_x0
-from spo.trainer import SPOConfig, SPOTrainer
+from spo.config import SPOConfig
+from spo.trainer import SPOTrainer
 
 
 def test_loss_matches_the_formula_written_out_by_hand():

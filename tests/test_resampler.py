@@ -49,7 +49,7 @@ def test_pairs_come_from_diverted_steps_and_share_x_t(diffusion):
 def test_each_candidate_is_scored_at_the_next_timestep_and_the_last_at_zero(diffusion):
     spm = FakeSPM()
     result = _run(diffusion, spm, ["a red circle"], steps=4, divert=1, k=3)
-    sched_t = diffusion.scheduler.timesteps.tolist()
+    sched_t = [t for t, _ in diffusion.schedule(4)]
     expected = [t for t in sched_t[2:] for _ in range(3)] + [0, 0, 0]
     assert spm.seen_t == expected
     assert [s.timestep for s in result.stats] == sched_t[1:]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from spo.sampling import ddim_transition, gaussian_log_prob, previous_timestep, transition_log_ratio
+from spo.sampling import ddim_schedule, ddim_transition, gaussian_log_prob, transition_log_ratio
 
 
 def _scheduler(prediction_type="epsilon", steps=20):
@@ -25,7 +25,7 @@ def test_mean_and_sample_match_diffusers_ddim_step(prediction_type, eta):
         x_t = torch.randn(2, 4, 8, 8, generator=g)
         out = torch.randn(2, 4, 8, 8, generator=g)
         noise = torch.randn(2, 4, 8, 8, generator=g)
-        mean, std, _ = ddim_transition(sched, out, torch.full((2,), t), x_t, eta)
+        mean, std, _ = ddim_transition(sched, out, torch.full((2,), t), torch.full((2,), t - 50), x_t, eta)
         ref_mean = sched.step(out, t, x_t, eta=0.0).prev_sample  # eta only adds noise; the mean is shared
         ref_sample = sched.step(out, t, x_t, eta=eta, variance_noise=noise).prev_sample
         if eta == 0.0:
@@ -38,7 +38,7 @@ def test_transition_against_float64_hand_computation_with_per_sample_timesteps()
     t = torch.tensor([951, 501, 1])
     g = torch.Generator().manual_seed(1)
     x_t, eps, x = (torch.randn(3, 4, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
-    mean, std, x0 = ddim_transition(sched, eps.float(), t, x_t.float(), eta=1.0)
+    mean, std, x0 = ddim_transition(sched, eps.float(), t, t - 50, x_t.float(), eta=1.0)
     ac = sched.alphas_cumprod.double()
     for i, ti in enumerate(t.tolist()):
         prev = ti - 50
@@ -51,7 +51,15 @@ def test_transition_against_float64_hand_computation_with_per_sample_timesteps()
         assert std[i].item() == pytest.approx(var.sqrt().item(), rel=1e-5)
         lp_h = (-(x[i] - mean_h) ** 2 / (2 * var) - 0.5 * torch.log(var) - 0.5 * math.log(2 * math.pi)).mean()
         assert gaussian_log_prob(x[i : i + 1], mean[i : i + 1], std[i : i + 1]).item() == pytest.approx(lp_h.item(), rel=1e-4)
-    assert previous_timestep(sched, t).tolist() == [901, 451, -49]
+
+
+def test_the_schedule_is_explicit_and_independent_of_the_schedulers_state():
+    sched = _scheduler(steps=20)
+    t, prev = ddim_schedule(sched, 20)
+    assert t[[0, 10, 19]].tolist() == [951, 451, 1] and prev[[0, 10, 19]].tolist() == [901, 401, -49]
+    sched.set_timesteps(5)  # whoever last set the scheduler's steps no longer decides the maths
+    assert ddim_schedule(sched, 20)[1].tolist() == prev.tolist()
+    assert sched.num_inference_steps == 5  # and the caller's scheduler is left as it was
 
 
 def test_closed_form_log_ratio_equals_difference_of_log_probs():

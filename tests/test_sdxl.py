@@ -17,7 +17,8 @@ from spo.cli import cli
 from spo.config import load_config
 from spo.errors import SPOError
 from spo.models import Conditioning, Diffusion, guided_output, load_pipeline
-from spo.trainer import SPOConfig, SPOTrainer
+from spo.config import SPOConfig
+from spo.trainer import SPOTrainer
 from spo.world import resolve
 
 TEXT_DIMS = (16, 24)  # the two text encoders' widths; the UNet sees their concatenation
@@ -144,12 +145,11 @@ def test_our_conditioning_and_ddim_reproduce_the_stock_sdxl_pipeline(sdxl_dir):
     expected = d.pipe(PROMPTS, num_inference_steps=3, guidance_scale=5.0, latents=start.clone(),
                       output_type="latent").images
     cond, uncond = d.encode_prompts(PROMPTS)
-    d.scheduler.set_timesteps(3)
     x = start
     with torch.no_grad():
-        for t in d.scheduler.timesteps:
-            tb = torch.full((2,), int(t))
-            x, _, _ = ddim_transition(d.scheduler, d.guided_output(x, tb, cond, uncond, 5.0), tb, x, 0.0)
+        for t, t_prev in d.schedule(3):
+            tb = torch.full((2,), t)
+            x, _, _ = ddim_transition(d.scheduler, d.guided_output(x, tb, cond, uncond, 5.0), tb, tb * 0 + t_prev, x, 0.0)
     torch.testing.assert_close(x, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -228,7 +228,7 @@ def test_spo_trains_sdxl_with_inner_steps_and_exports_a_lora_stock_diffusers_rel
     tr = SPOTrainer(_spo_config(sdxl_dir, sdxl_spm, tmp_path / "run"), log=lambda m: None).setup()
     assert tr.diffusion.family == "sdxl"
     assert all(not p.requires_grad for p in tr.diffusion.pipe.text_encoder_2.parameters())
-    pairs, _, _ = tr.sample_epoch(0)
+    pairs, _, _ = tr.method.sample(tr, 0)
     assert (~pairs.shared).any()  # inner steps: some lose transitions start from their own state
     unet = tr.acc.unwrap_model(tr.unet)
     before = {n: p.detach().clone() for n, p in unet.named_parameters()}

@@ -14,7 +14,9 @@ from spo.cli import cli
 from spo.config import load_config
 from spo.errors import SPOError
 from spo.resampler import Pairs
-from spo.trainer import SPOConfig, SPOTrainer, pair_loss
+from spo.config import SPOConfig
+from spo.methods.spo import pair_loss
+from spo.trainer import SPOTrainer
 
 
 def _trainer(world, spm, out, *extra, **kw):
@@ -28,7 +30,7 @@ def _random_pairs(trainer, n=3, seed=0):
     sched.set_timesteps(4)
     shape = (n, 4, 16, 16)
     t = sched.timesteps[torch.randint(len(sched.timesteps), (n,), generator=g)]
-    return Pairs(x_t=torch.randn(shape, generator=g), timesteps=t, win=torch.randn(shape, generator=g),
+    return Pairs(x_t=torch.randn(shape, generator=g), timesteps=t, prev_timesteps=t - 1000 // 4, win=torch.randn(shape, generator=g),
                  lose=torch.randn(shape, generator=g), prompt_index=torch.arange(n), step_index=torch.zeros(n),
                  gap=torch.ones(n))
 
@@ -45,8 +47,8 @@ def test_shared_forward_loss_and_gradients_equal_the_two_forward_computation(tin
     pairs = _random_pairs(tr)
     cond, uncond = tr.diffusion.encode_prompts(["a red circle", "a blue square", "a small green diamond"])
     cfg = tr.cfg
-    ref = tr.reference_output(pairs.x_t, pairs.timesteps, cond, uncond)
-    loss, _ = pair_loss(tr.unet, ref, tr.diffusion.scheduler, pairs, cond, uncond, cfg.sample.guidance_scale,
+    ref = tr.reference_output(pairs.x_t, pairs.timesteps, cond, uncond, cfg.sample.guidance_scale)
+    loss, _ = pair_loss(tr.diffusion, tr.unet, ref, pairs, cond, uncond, cfg.sample.guidance_scale,
                         cfg.sample.eta, cfg.train.beta, cfg.train.eps)
     loss.backward()
     shared_grads = [p.grad.clone() for p in tr.trainable]
@@ -56,10 +58,11 @@ def test_shared_forward_loss_and_gradients_equal_the_two_forward_computation(tin
     def logp(unet, x_next, reference):
         with torch.set_grad_enabled(not reference):
             if reference:
-                out = tr.reference_output(pairs.x_t, pairs.timesteps, cond, uncond)
+                out = tr.reference_output(pairs.x_t, pairs.timesteps, cond, uncond, 5.0)
             else:
                 out = guided_output(unet, pairs.x_t, pairs.timesteps, cond, uncond, cfg.sample.guidance_scale)
-            mean, std, _ = ddim_transition(tr.diffusion.scheduler, out, pairs.timesteps, pairs.x_t, cfg.sample.eta)
+            mean, std, _ = ddim_transition(tr.diffusion.scheduler, out, pairs.timesteps, pairs.prev_timesteps, pairs.x_t,
+                                           cfg.sample.eta)
             return gaussian_log_prob(x_next.double(), mean.double(), std.double())
 
     lw = logp(tr.unet, pairs.win, False) - logp(tr.unet, pairs.win, True)
@@ -72,13 +75,13 @@ def test_shared_forward_loss_and_gradients_equal_the_two_forward_computation(tin
 
 
 def test_inner_steps_training_runs_and_uses_separate_lose_states(tiny_world, tiny_spm, tmp_path):
-    from spo.trainer import transition_inputs
+    from spo.methods.spo import transition_inputs
 
     tr = _trainer(tiny_world, tiny_spm, tmp_path / "inner", "sample.inner_steps=1", "train.num_epochs=1")
-    pairs, _, prompts = tr.sample_epoch(0)
+    pairs, _, prompts = tr.method.sample(tr, 0)
     assert (~pairs.shared).any()
     cond, uncond = tr.diffusion.encode_prompts([prompts[i] for i in pairs.prompt_index.tolist()])
-    x, t, c, _, extra = transition_inputs(pairs, cond, uncond)
+    x, t, _, c, _, extra = transition_inputs(pairs, cond, uncond)
     assert len(x) == len(pairs) + int((~pairs.shared).sum()) == len(c)
     tr.train()
     assert (tmp_path / "inner" / "lora" / "pytorch_lora_weights.safetensors").is_file()
@@ -99,7 +102,7 @@ def test_reference_with_adapters_disabled_equals_the_base_unet(tiny_world, tiny_
     with torch.no_grad():
         expected = guided_output(base, pairs.x_t, pairs.timesteps, cond, uncond, 5.0)
         policy = guided_output(tr.unet, pairs.x_t, pairs.timesteps, cond, uncond, 5.0)
-    torch.testing.assert_close(tr.reference_output(pairs.x_t, pairs.timesteps, cond, uncond), expected)
+    torch.testing.assert_close(tr.reference_output(pairs.x_t, pairs.timesteps, cond, uncond, 5.0), expected)
     assert not torch.allclose(policy, expected)  # the adapters are back on afterwards
 
 
@@ -179,8 +182,10 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_usable(tiny_world, 
 
 @pytest.mark.parametrize("override, message", [
     ("sample.num_candidates=1", "num_candidates must be >= 2"),
-    ("sample.threshold=1.0", "threshold must lie in [0, 1)"),
-    ("sample.threshold=-0.1", "threshold must lie in [0, 1)"),
+    ("sample.threshold=1.0", "sample.threshold must be < 1"),
+    ("sample.threshold=-0.1", "sample.threshold must be >= 0"),
+    ("train.learning_rate=inf", "train.learning_rate must be a finite number"),
+    ("log.checkpointing_epochs=0", "log.checkpointing_epochs must be >= 1"),
     ("train.beta=abc", "expects float"),
     ("sample.bogus=1", "unknown"),
 ])
@@ -239,7 +244,7 @@ def test_two_process_run_ends_with_identical_weights_and_resumes_in_one_process(
 
 
 def test_non_finite_losses_are_skipped_counted_and_abort_when_they_persist(tiny_world, tiny_spm, tmp_path, monkeypatch):
-    import spo.trainer as trainer_module
+    import spo.methods.spo as trainer_module
 
     real = trainer_module.pair_loss
     calls = {"n": 0}

@@ -1,15 +1,228 @@
-"""Typed configs: dataclasses loaded from YAML, with `key=value` overrides, validated on load."""
+"""Every config of the project: typed dataclasses loaded from YAML, `key=value` overrides, validated on load.
+
+Each field is declared with `setting(default, help, ...)`: the help is the field's one-line doc (shown
+by `--help`) and the range/choices are checked by `validate_fields` with a message naming the field.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import math
 import types
 import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from spo.errors import SPOError
+
+
+def setting(default, help: str, *, ge=None, gt=None, le=None, lt=None, choices=None):
+    """A config field with its doc and its allowed range (numbers must also be finite)."""
+    meta = dict(help=help, ge=ge, gt=gt, le=le, lt=lt, choices=choices)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def validate_fields(cfg, prefix: str = "") -> None:
+    """Check every field's declared range and choices, recursing into groups."""
+    for f in dataclasses.fields(cfg):
+        value, name, m = getattr(cfg, f.name), prefix + f.name, f.metadata
+        if dataclasses.is_dataclass(value):
+            validate_fields(value, f"{name}.")
+            continue
+        if m.get("choices") is not None and value not in m["choices"]:
+            raise SPOError(f"{name} must be one of {', '.join(map(str, m['choices']))}, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value):
+            raise SPOError(f"{name} must be a finite number, got {value}")
+        for key, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                              ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
+            if m.get(key) is not None and not ok(value, m[key]):
+                raise SPOError(f"{name} must be {word} {m[key]}, got {value}")
+
+
+def field_help(cls, prefix: str = "") -> list[tuple[str, str, object]]:
+    """(dotted name, help, default) of every field, for `--help` listings."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += field_help(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((prefix + f.name, f.metadata.get("help", ""), default))
+    return rows
+
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+REPORT_TO = ("tensorboard", "wandb", "none")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+DEFAULT_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+
+
+# ------------------------------------------------------------------ shared groups
+
+
+@dataclass
+class LogConfig:
+    """Where a run writes, how often it checkpoints, and which tracker it reports to (both trainers)."""
+
+    output_dir: str = setting("runs/spo", "run folder: config, metrics, logs, checkpoints, outputs")
+    checkpointing_steps: int = setting(0, "also checkpoint every N optimizer steps (0 = only by epoch / at the end)", ge=0)
+    checkpointing_epochs: int = setting(1, "spo train: checkpoint every N epochs (and at the end)", ge=1)
+    checkpoints_total_limit: int = setting(2, "keep at most this many checkpoints (the newest)", ge=1)
+    log_every: int = setting(10, "train-spm: log scalars every N optimizer steps", ge=1)
+    report_to: str = setting("tensorboard", "tracker: tensorboard | wandb | none", choices=REPORT_TO)
+
+
+# ------------------------------------------------------------------ spo train
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = setting("world:sd", "SD or SDXL diffusers pipeline (family read from it): hub id, dir, world:sd")
+    vae: str = setting("", "separate VAE replacing the pipeline's (e.g. madebyollin/sdxl-vae-fp16-fix); empty = own")
+    spm: str = setting("world:spm", "step-aware preference model directory (`spo train-spm` output)")
+    use_lora: bool = setting(True, "False: full fine-tuning (the reference is then a frozen copy)")
+    lora_rank: int = setting(4, "LoRA rank", ge=1)
+    lora_alpha: float = setting(4.0, "LoRA alpha, saved in the LoRA metadata; equal to the rank keeps a scale of 1", gt=0)
+    lora_targets: list[str] = setting(DEFAULT_LORA_TARGETS, "module names that get LoRA adapters")
+    gradient_checkpointing: bool = setting(False, "trade compute for memory in the trained network")
+
+
+@dataclass
+class SampleConfig:
+    num_steps: int = setting(20, "DDIM steps", ge=1)
+    eta: float = setting(1.0, "DDIM eta; > 0 so that each step is a Gaussian transition", gt=0)
+    guidance_scale: float = setting(5.0, "classifier-free guidance, in sampling and in training", ge=0)
+    num_candidates: int = setting(4, "K candidates per diverted step (a pair needs two)", ge=2)
+    threshold: float = setting(0.3, "keep a pair only if its softmax score gap exceeds this", ge=0, lt=1)
+    divert_start_step: int = setting(4, "plain sampling before this step index (index 4 of 20 is t = 751)", ge=0)
+    inner_steps: int = setting(0, "> 0: branch every inner_steps+1 steps, train every transition between (SDXL)", ge=0)
+    batch_size: int = setting(8, "prompts per resampler call, per process", ge=1)
+    batches_per_epoch: int = setting(1, "resampler calls per epoch, per process", ge=1)
+
+
+@dataclass
+class TrainConfig:
+    beta: float = setting(10.0, "DPO temperature", gt=0)
+    eps: float = setting(0.1, "ratio clip: log r is clamped to [log(1 - eps), log(1 + eps)]", gt=0, lt=1)
+    learning_rate: float = setting(6e-5, "AdamW learning rate", gt=0)
+    adam_weight_decay: float = setting(1e-4, "AdamW weight decay", ge=0)
+    batch_size: int = setting(8, "pairs per micro-batch", ge=1)
+    gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step", ge=1)
+    max_grad_norm: float = setting(1.0, "clip the gradient norm to this (0 = no clipping)", ge=0)
+    num_epochs: int = setting(10, "epochs to train", ge=1)
+    inner_epochs: int = setting(1, "passes over each epoch's pairs", ge=1)
+    mixed_precision: str = setting("no", "no | fp16 | bf16 (LoRA weights stay fp32)", choices=MIXED_PRECISION)
+    allow_tf32: bool = setting(True, "TF32 matmuls on Ampere+ GPUs")
+    seed: int = setting(0, "seed of every random draw of the run", ge=0)
+    max_nonfinite_in_a_row: int = setting(10, "abort after this many skipped non-finite steps in a row", ge=1)
+
+
+@dataclass
+class DPOConfig:
+    """The Diffusion-DPO baseline (method: diffusion-dpo): offline pairs instead of the resampler."""
+
+    dataset: str = setting("world:preference", "Pick-a-Pic-schema pairs: hub id, save_to_disk dir, parquet dir/file")
+    split: str = setting("train", "dataset split")
+    beta: float = setting(2000.0, "Wallace et al.'s SD1.5 value (their loss scales it by 1/2)", gt=0)
+    pairs_per_epoch: int = setting(512, "pairs per epoch (the unit of checkpoints and logs); the data is cycled", ge=1)
+
+
+@dataclass
+class SPOConfig:
+    """`spo train`: the method, the model, its sampling, optimisation and logging."""
+
+    prompts: str = setting("world:train", "prompt set: file (txt/json/jsonl/csv), dataset id, spo:4k or world:SPLIT")
+    method: str = setting("spo", "training method by registry name: spo | diffusion-dpo")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+
+    def validate(self) -> None:
+        validate_fields(self)
+        s = self.sample
+        if s.divert_start_step >= s.num_steps:
+            raise SPOError(f"sample.divert_start_step must lie in [0, num_steps={s.num_steps}), "
+                           f"got {s.divert_start_step}")
+
+    def digest(self) -> str:
+        """Identity of the run: everything that shapes training except where it is written and how long it lasts."""
+        plain = to_plain(self)
+        plain["log"] = {}
+        plain["train"].pop("num_epochs")
+        return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------ spo train-spm
+
+
+TRAIN_PARAMS = ("conditioning", "vision", "all")
+
+
+@dataclass
+class SPMDataConfig:
+    dataset: str = setting("", "preference data: hub id, save_to_disk dir, parquet dir or file (Pick-a-Pic schema)")
+    split: str = setting("train", "dataset split to train on")
+    per_prompt_weighting: bool = setting(True, "each prompt counts equally (PickScore)")
+    relabel_threshold: float = setting(-1.0, ">= 0: relabel pairs with the base model at t=0, drop |p0-p1| < it")
+
+
+@dataclass
+class SPMModelConfig:
+    diffusion_model: str = setting("", "SD or SDXL diffusers pipeline (hub id or dir) used for the noising step")
+    vae: str = setting("", "separate VAE for it (e.g. madebyollin/sdxl-vae-fp16-fix); empty = the pipeline's own")
+    base: str = setting("", "CLIP checkpoint to start from (e.g. yuvalkirstain/PickScore_v1)")
+    processor: str = setting("", "image processor / tokenizer source; empty = same as base")
+    time_conditioned: bool = setting(True, "False gives the ablation without timestep conditioning")
+    train_params: str = setting("all", "conditioning | vision | all", choices=TRAIN_PARAMS)
+
+
+@dataclass
+class SPMTrainingConfig:
+    max_steps: int = setting(1000, "optimizer steps", ge=1)
+    batch_size: int = setting(16, "pairs per process per micro-batch", ge=1)
+    gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step", ge=1)
+    learning_rate: float = setting(1e-5, "for the CLIP weights", gt=0)
+    conditioning_learning_rate: float = setting(1e-4, "for the new, zero-initialised conditioning weights", gt=0)
+    weight_decay: float = setting(0.01, "AdamW weight decay", ge=0)
+    max_grad_norm: float = setting(1.0, "clip the gradient norm to this (0 = no clipping)", ge=0)
+    t_min: int = setting(0, "timesteps are drawn uniformly from [t_min, t_max]", ge=0)
+    t_max: int = setting(999, "largest timestep drawn (below the model's num_train_timesteps)", ge=0)
+    guidance_scale: float = setting(5.0, "CFG of the noising step, as in sampling", ge=0)
+    mixed_precision: str = setting("no", "no | fp16 | bf16", choices=MIXED_PRECISION)
+    seed: int = setting(0, "seed of every random draw of the run", ge=0)
+
+
+@dataclass
+class SPMTrainConfig:
+    """`spo train-spm`: data, models, optimisation and logging of the step-aware preference model."""
+
+    data: SPMDataConfig = field(default_factory=SPMDataConfig)
+    model: SPMModelConfig = field(default_factory=SPMModelConfig)
+    train: SPMTrainingConfig = field(default_factory=SPMTrainingConfig)
+    log: LogConfig = field(default_factory=lambda: LogConfig(output_dir="runs/spm", checkpointing_steps=500))
+
+    def validate(self) -> None:
+        validate_fields(self)
+        if not self.data.dataset or not self.model.diffusion_model or not self.model.base:
+            raise SPOError("train-spm needs data.dataset, model.diffusion_model and model.base (a CLIP checkpoint)")
+        if self.model.train_params == "conditioning" and not self.model.time_conditioned:
+            raise SPOError("model.train_params=conditioning needs model.time_conditioned=true (nothing else would train)")
+        if self.train.t_min > self.train.t_max:
+            raise SPOError(f"need train.t_min <= train.t_max, got {self.train.t_min} > {self.train.t_max}")
+
+
+# ------------------------------------------------------------------ loading
 
 
 def _coerce(name: str, value, annotation):

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from spo.errors import SPOError
+from spo.sampling import add_noise, ddim_schedule, ddim_transition, predict_x0
 
 # The pipeline classes spo trains, by the `_class_name` a checkpoint's model_index.json declares.
 FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
@@ -201,8 +202,44 @@ class Diffusion:
         time_ids = time_ids.expand(len(prompts), -1)
         return Conditioning(cond, pooled, time_ids), Conditioning(uncond, pooled_uncond, time_ids)
 
-    def guided_output(self, x_t, t, cond, uncond, guidance: float) -> torch.Tensor:
-        return guided_output(self.unet, x_t, t, cond, uncond, guidance)
+    def guided_output(self, x_t, t, cond, uncond, guidance: float, model=None) -> torch.Tensor:
+        """The guided prediction of `model` (default: the pipeline's own UNet; the trainer passes its policy)."""
+        return guided_output(model if model is not None else self.unet, x_t, t, cond, uncond, guidance)
+
+    # ------------------------------------------------------------ the transition seam
+    # What the resampler, the losses and the SPM training use. A new model family (e.g. flow matching)
+    # provides these with its own maths; nothing above this class asks which family it runs.
+
+    def schedule(self, num_steps: int) -> list[tuple[int, int]]:
+        """(t, t_prev) of each sampling step; t_prev < 0 marks the last step (to the clean sample)."""
+        t, prev = ddim_schedule(self.scheduler, num_steps)
+        return list(zip(t.tolist(), prev.tolist()))
+
+    def initial_latents(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """Pure noise x_T for `batch` images, drawn on the CPU from `generator` (same draws on any device)."""
+        cfg = self.unet.config
+        shape = (batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        return (torch.randn(shape, generator=generator) * self.scheduler.init_noise_sigma).to(self.device)
+
+    def transition(self, model_output, t, t_prev, x_t, eta: float):
+        """Mean, std and x0-prediction of the Gaussian step x_t -> x_{t_prev} (per-sample t, t_prev)."""
+        return ddim_transition(self.scheduler, model_output, t, t_prev, x_t, eta)
+
+    def x0_prediction(self, x_t, model_output, t) -> torch.Tensor:
+        return predict_x0(self.scheduler, x_t, model_output, t)
+
+    def noised(self, x0, noise, t) -> torch.Tensor:
+        """x_t of clean latents x0 with the given noise (the forward process)."""
+        return add_noise(self.scheduler, x0, noise, t)
+
+    def x0_images(self, x_t, t, cond, uncond, guidance: float, model=None):
+        """One guided call at (x_t, t), its x0-prediction decoded to images in [-1, 1]; also the raw output.
+
+        The one image-from-a-noisy-latent path: the resampler scores candidates with it (and reuses the
+        output to continue), SPM training and evaluation score noised pairs with it.
+        """
+        out = self.guided_output(x_t, t, cond, uncond, guidance, model)
+        return self.decode(self.x0_prediction(x_t, out, t)), out
 
     def _vae_precision(self):
         """SDXL's own VAE overflows in fp16 (its config says force_upcast): keep it out of fp16 autocast."""

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from spo.sampling import ddim_transition, predict_x0
 
 
 @dataclass
@@ -24,6 +23,7 @@ class Pairs:
 
     x_t: torch.Tensor  # (N, C, H, W) the state the preferred transition starts from
     timesteps: torch.Tensor  # (N,)
+    prev_timesteps: torch.Tensor  # (N,) the step the transition leads to (negative: the last step)
     win: torch.Tensor  # (N, C, H, W) the preferred x_{t-1}
     lose: torch.Tensor  # (N, C, H, W)
     prompt_index: torch.Tensor  # (N,) index into the prompt list given to `resample`
@@ -49,6 +49,11 @@ class Pairs:
     def select(self, index: torch.Tensor) -> "Pairs":
         return Pairs(**{n: getattr(self, n)[index] for n in Pairs.__dataclass_fields__})
 
+    @staticmethod
+    def empty(latent_shape) -> "Pairs":
+        zeros, none = torch.zeros((0, *latent_shape)), torch.zeros(0, dtype=torch.long)
+        return Pairs(zeros, none, none, zeros, zeros, none, none, torch.zeros(0))
+
     def to(self, device) -> "Pairs":
         return Pairs(**{n: getattr(self, n).to(device) for n in Pairs.__dataclass_fields__})
 
@@ -73,43 +78,49 @@ class ResampleResult:
     stats: list[StepStats] = field(default_factory=list)
 
 
-def _score_candidates(diffusion, spm, candidates, t_next, cond, uncond, guidance, captions):
-    """SPM logits of candidates via the x0-prediction at t_next; also returns the reusable UNet output."""
+def _judge_device(judge, default: torch.device) -> torch.device:
+    params = getattr(judge, "parameters", None)
+    return next(params()).device if params is not None else default
+
+
+def _score_candidates(diffusion, judge, candidates, t_next, cond, uncond, guidance, captions):
+    """Judge scores of candidates via the x0-prediction at t_next; also returns the reusable model output."""
     if t_next is None:  # final step: the candidates are clean latents
         images, out, t_score = diffusion.decode(candidates), None, 0
     else:
         tb = torch.full((len(candidates),), int(t_next), device=candidates.device, dtype=torch.long)
-        out = diffusion.guided_output(candidates, tb, cond, uncond, guidance)
-        images = diffusion.decode(predict_x0(diffusion.scheduler, candidates, out, tb))
+        images, out = diffusion.x0_images(candidates, tb, cond, uncond, guidance)
         t_score = int(t_next)
-    spm_device = next(spm.parameters()).device
-    t_spm = torch.full((len(candidates),), t_score, device=spm_device, dtype=torch.long)
-    return spm(images.to(spm_device), captions, t_spm).float().to(candidates.device), out
+    device = _judge_device(judge, candidates.device)
+    t_judge = torch.full((len(candidates),), t_score, device=device, dtype=torch.long)
+    return judge(images.to(device), captions, t_judge).float().to(candidates.device), out
 
 
 @torch.no_grad()
-def resample(diffusion, spm, prompts: list[str], num_steps: int, guidance: float, eta: float,
+def resample(diffusion, judge, prompts: list[str], num_steps: int, guidance: float, eta: float,
              num_candidates: int, threshold: float, divert_start_step: int,
              generator: torch.Generator, inner_steps: int = 0) -> ResampleResult:
-    """Run the step-wise resampler for one batch of prompts; see the module docstring."""
-    sched = diffusion.scheduler
-    sched.set_timesteps(num_steps)
-    timesteps = sched.timesteps.tolist()
+    """Run the step-wise resampler for one batch of prompts; see the module docstring.
+
+    `diffusion` is a model-family adapter (`spo.models.Diffusion`); `judge(images, captions, t)` scores
+    images in [-1, 1] (the step-aware preference model, or any scorer applied to x0-predictions).
+    """
+    schedule = diffusion.schedule(num_steps)
+    timesteps = [t for t, _ in schedule]
     device, b, k = diffusion.device, len(prompts), num_candidates
     cond, uncond = diffusion.encode_prompts(prompts)
     cond_k, uncond_k = cond.repeat_interleave(k, 0), uncond.repeat_interleave(k, 0)
     captions_k = [p for p in prompts for _ in range(k)]
-    unet = diffusion.unet
-    shape = (b, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    x = (torch.randn(shape, generator=generator) * sched.init_noise_sigma).to(device, cond.dtype)
+    x = diffusion.initial_latents(b, generator).to(cond.dtype)
 
     def model_out(latents, t, c, u):
         tb = torch.full((len(latents),), int(t), device=device, dtype=torch.long)
         return diffusion.guided_output(latents, tb, c, u, guidance)
 
-    def transition(latents, out, t):
-        tb = torch.full((len(latents),), int(t), device=device, dtype=torch.long)
-        mean, std, _ = ddim_transition(sched, out, tb, latents, eta)
+    def transition(latents, out, i):
+        t, t_prev = schedule[i]
+        tb = torch.full((len(latents),), t, device=device, dtype=torch.long)
+        mean, std, _ = diffusion.transition(out, tb, torch.full_like(tb, t_prev), latents, eta)
         return mean, std
 
     def noise_like(latents):
@@ -121,23 +132,23 @@ def resample(diffusion, spm, prompts: list[str], num_steps: int, guidance: float
     i = 0
     while i < len(timesteps):
         if i < divert_start_step:
-            mean, std = transition(x, out, timesteps[i])
+            mean, std = transition(x, out, i)
             x = (mean + std * noise_like(x)).to(x.dtype)
             if i + 1 < len(timesteps):
                 out = model_out(x, timesteps[i + 1], cond, uncond)
             i += 1
             continue
         span = min(inner_steps + 1, len(timesteps) - i)
-        mean, std = transition(x, out, timesteps[i])
+        mean, std = transition(x, out, i)
         noise = torch.randn((b, k, *x.shape[1:]), generator=generator).to(device)
         cur = (mean[:, None] + std[:, None] * noise).to(x.dtype).reshape(b * k, *x.shape[1:])
         chain = [x.repeat_interleave(k, 0), cur]  # states along each candidate's rollout
         for j in range(1, span):
-            m, sd = transition(cur, model_out(cur, timesteps[i + j], cond_k, uncond_k), timesteps[i + j])
+            m, sd = transition(cur, model_out(cur, timesteps[i + j], cond_k, uncond_k), i + j)
             cur = (m + sd * noise_like(cur)).to(x.dtype)
             chain.append(cur)
         t_next = timesteps[i + span] if i + span < len(timesteps) else None
-        scores, cand_out = _score_candidates(diffusion, spm, cur, t_next, cond_k, uncond_k, guidance, captions_k)
+        scores, cand_out = _score_candidates(diffusion, judge, cur, t_next, cond_k, uncond_k, guidance, captions_k)
         scores = scores.view(b, k)
         probs = scores.softmax(-1)
         best, worst = scores.argmax(-1), scores.argmin(-1)
@@ -150,8 +161,10 @@ def resample(diffusion, spm, prompts: list[str], num_steps: int, guidance: float
             idx = rows[keep]
             w, l = idx * k + best[idx].cpu(), idx * k + worst[idx].cpu()
             for j in range(span):
+                t, t_prev = schedule[i + j]
                 found.append(Pairs(
-                    x_t=chain[j][w].cpu(), timesteps=torch.full((len(idx),), int(timesteps[i + j])),
+                    x_t=chain[j][w].cpu(), timesteps=torch.full((len(idx),), t),
+                    prev_timesteps=torch.full((len(idx),), t_prev),
                     win=chain[j + 1][w].cpu(), lose=chain[j + 1][l].cpu(), prompt_index=idx.clone(),
                     step_index=torch.full((len(idx),), i + j), gap=gap[idx].cpu(), x_t_lose=chain[j][l].cpu(),
                     shared=torch.full((len(idx),), j == 0)))
@@ -163,7 +176,5 @@ def resample(diffusion, spm, prompts: list[str], num_steps: int, guidance: float
             out = cand_out.view(b, k, *x.shape[1:])[rows, choice]
         i += span
     if not found:
-        zeros = torch.zeros((0, *x.shape[1:]))
-        none = torch.zeros(0, dtype=torch.long)
-        return ResampleResult(Pairs(zeros, none, zeros, zeros, none, none, torch.zeros(0)), x, stats)
+        return ResampleResult(Pairs.empty(x.shape[1:]), x, stats)
     return ResampleResult(Pairs.cat(found), x, stats)

@@ -45,10 +45,15 @@ def predict_x0(scheduler, x_t: torch.Tensor, model_output: torch.Tensor, t: torc
 # ------------------------------------------------------------------ DDIM as a Gaussian transition
 
 
-def previous_timestep(scheduler, t: torch.Tensor) -> torch.Tensor:
-    """The DDIM step before t for the scheduler's current inference schedule (negative = the end)."""
-    ratio = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    return t - ratio
+def ddim_schedule(scheduler, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DDIM sampling schedule for `num_steps`: timesteps t_i and the step each leads to (−1 = the end).
+
+    Computed on a copy of the scheduler, so the caller's scheduler state never decides the maths.
+    """
+    s = type(scheduler).from_config(scheduler.config)
+    s.set_timesteps(num_steps)
+    t = s.timesteps.long()
+    return t, t - scheduler.config.num_train_timesteps // num_steps
 
 
 def _alpha_prev(scheduler, prev_t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -59,16 +64,17 @@ def _alpha_prev(scheduler, prev_t: torch.Tensor, like: torch.Tensor) -> torch.Te
     return a.view(-1, *([1] * (like.ndim - 1)))
 
 
-def ddim_transition(scheduler, model_output: torch.Tensor, t: torch.Tensor, x_t: torch.Tensor, eta: float):
-    """Mean and std of the DDIM transition p(x_{t-1} | x_t) (Song et al. eq. 12), and the x0-prediction.
+def ddim_transition(scheduler, model_output: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
+                    x_t: torch.Tensor, eta: float):
+    """Mean and std of the DDIM transition p(x_{t_prev} | x_t) (Song et al. eq. 12), and the x0-prediction.
 
-    Per-sample timesteps `t` (B,). Follows diffusers' DDIMScheduler.step exactly (same mean, and the
+    Per-sample timesteps `t` and the steps they lead to, `t_prev` (B,; negative = the final step). Follows diffusers' DDIMScheduler.step exactly (same mean, and the
     same sample for the same noise), computed in float32 even for half-precision model outputs.
     """
     wd = work_dtype(x_t, model_output)
     x, out = x_t.to(wd), model_output.to(wd)
     a_t = alphas_cumprod_at(scheduler, t, x)
-    a_prev = _alpha_prev(scheduler, previous_timestep(scheduler, t.to(x.device)), x)
+    a_prev = _alpha_prev(scheduler, torch.as_tensor(t_prev).to(x.device), x)
     x0 = predict_x0(scheduler, x, out, t)
     kind = scheduler.config.prediction_type
     if kind == "epsilon":

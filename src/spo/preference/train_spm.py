@@ -165,7 +165,7 @@ def train_spm(cfg: SPMTrainConfig, log=print) -> Path:
     from spo.models import Diffusion, load_pipeline
     from spo.preference.data import PairCollator, load_preference_dataset, prompt_weights
     from spo.preference.spm import StepAwareCLIP
-    from spo.world import resolve
+    from spo.plugins import resolve
 
     cfg.validate()
     output = Path(cfg.output_dir)

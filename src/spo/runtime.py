@@ -1,0 +1,89 @@
+"""Run scaffolding shared by every trainer (`spo train`, `spo train-spm`): the accelerator, trackers,
+random streams, checkpoint discovery and rotation, output-folder guard, fingerprints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import resource
+import shutil
+from pathlib import Path
+
+import torch
+
+from spo.errors import SPOError
+from spo.files import keep_newest
+
+
+def make_accelerator(out: Path, mixed_precision: str, gradient_accumulation_steps: int, report_to: str):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),  # so that a multi-process launch on CPUs forms one group
+        mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps,
+        log_with=None if report_to == "none" else report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+
+
+def flat_config(plain: dict, prefix: str = "") -> dict:
+    """Nested config dict -> {"group.field": scalar}, the form trackers accept as hyperparameters."""
+    out = {}
+    for k, v in plain.items():
+        if isinstance(v, dict):
+            out.update(flat_config(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[prefix + k] = v
+    return out
+
+
+def init_trackers(accelerator, project: str, plain_config: dict, report_to: str) -> None:
+    if report_to != "none" and accelerator.is_main_process:
+        accelerator.init_trackers(project, config=flat_config(plain_config))
+
+
+def stream(seed: int, epoch: int, rank: int, purpose: int) -> torch.Generator:
+    """The generator of one (seed, epoch, process, purpose) random stream."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1009 + rank) * 7 + purpose)
+
+
+def numbered(out: Path, prefix: str) -> list[Path]:
+    """Complete and partial `<prefix>-N` checkpoint folders under out/checkpoints, oldest first."""
+    found = [p for p in (out / "checkpoints").glob(f"{prefix}-*") if p.name.split("-", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+
+
+def latest_checkpoint(out: Path, prefix: str, marker: str) -> Path | None:
+    """The newest `<prefix>-N` checkpoint that holds `marker` (the file written last)."""
+    done = [p for p in numbered(out, prefix) if (p / marker).is_file()]
+    return done[-1] if done else None
+
+
+def rotate_checkpoints(out: Path, prefix: str, limit: int) -> None:
+    keep_newest(numbered(out, prefix), limit)
+
+
+def claim_output_dir(out: Path, marker: str, overwrite: bool, resume: bool, accelerator) -> None:
+    """Refuse to write over a finished or running run unless asked; --overwrite replaces it."""
+    if resume or not (out / marker).exists():
+        return
+    if not overwrite:
+        raise SPOError(f"{out} already holds a run; pass --overwrite to replace it, "
+                       f"--resume to continue it, or choose another log.output_dir")
+    if accelerator.is_main_process:
+        shutil.rmtree(out)
+    accelerator.wait_for_everyone()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+
+
+def weights_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].numpy().tobytes())
+    return h.hexdigest()
