@@ -8,6 +8,10 @@ makes the model score exactly like the CLIP it starts from until training moves 
 Saved format (a directory): the CLIP weights and processor files as `CLIPModel.save_pretrained`
 writes them, plus `spm.safetensors` (the conditioning weights) and `spm_config.json` (what it was
 built from and how). `StepAwareCLIP.from_pretrained(dir)` reads it back.
+
+The checkpoints released with the paper (RockeyCoss/SPO) have the same architecture up to naming and
+the offset of the residual gates; `spo.preference.authors_checkpoint` maps them onto this class and
+`load_scorer_model` accepts them (see its docstring).
 """
 
 from __future__ import annotations
@@ -39,6 +43,15 @@ class SPMConfig:
     image_mean: tuple = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple = (0.26862954, 0.26130258, 0.27577711)
     format: int = SPM_FORMAT
+    # How images are brought to model resolution before scoring. "spo": antialiased bicubic resize
+    # (spo.images.resize_center_crop). "authors": as RockeyCoss/SPO scores, bicubic without
+    # antialiasing, sizes int(x + 0.5), torchvision-style centre crop, clamp to [0, 1] afterwards.
+    # Written to spm_config.json only when not "spo", so files of "spo" models are unchanged.
+    preprocessing: str = "spo"
+
+
+PREPROCESSING = ("spo", "authors")
+_OMIT_WHEN_DEFAULT = {"preprocessing": "spo"}  # fields added after format 1: saved only when set
 
 
 def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -74,6 +87,8 @@ class TimeConditioning(nn.Module):
 class StepAwareCLIP(nn.Module):
     def __init__(self, clip, tokenizer, config: SPMConfig):
         super().__init__()
+        if config.preprocessing not in PREPROCESSING:
+            raise SPOError(f"SPM preprocessing {config.preprocessing!r} is unknown; use one of {', '.join(PREPROCESSING)}")
         self.clip, self.tokenizer, self.config = clip, tokenizer, config
         vision = clip.vision_model
         hidden = vision.config.hidden_size
@@ -133,15 +148,19 @@ class StepAwareCLIP(nn.Module):
         if self.conditioning is not None:
             state = {k: v.detach().contiguous().cpu() for k, v in self.conditioning.state_dict().items()}
             save_file(state, str(path / SPM_WEIGHTS))
-        (path / SPM_CONFIG).write_text(json.dumps(asdict(self.config), indent=2))
+        raw = {k: v for k, v in asdict(self.config).items() if _OMIT_WHEN_DEFAULT.get(k, object()) != v}
+        (path / SPM_CONFIG).write_text(json.dumps(raw, indent=2))
 
     # ------------------------------------------------------------ scoring
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] at any size -> CLIP pixel values (resize shortest side, centre crop, normalise)."""
-        from spo.images import resize_center_crop
+        if self.config.preprocessing == "authors":
+            x = (_authors_resize_center_crop(images.float(), self.config.image_size) / 2 + 0.5).clamp(0, 1)
+        else:
+            from spo.images import resize_center_crop
 
-        x = resize_center_crop((images.float() + 1) / 2, self.config.image_size)
+            x = resize_center_crop((images.float() + 1) / 2, self.config.image_size)
         return (x - self.image_mean) / self.image_std
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
@@ -190,6 +209,20 @@ class StepAwareCLIP(nn.Module):
     score = forward
 
 
+def _authors_resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The resize of RockeyCoss/SPO's scorer: shortest side to `size` by bicubic interpolation
+    without antialiasing (sizes rounded as int(x + 0.5)), then, only if the result is not square,
+    a centre crop with offsets int(round((n - size) / 2)) as torchvision's CenterCrop takes them."""
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    nh, nw = int(h * scale + 0.5), int(w * scale + 0.5)
+    x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False)
+    if nh != nw:
+        top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+        x = x[..., top : top + size, left : left + size]
+    return x
+
+
 def _processor_for(config: SPMConfig):
     from transformers import CLIPImageProcessor
 
@@ -214,12 +247,53 @@ def _load_tokenizer(path):
         raise SPOError(f"could not load a tokenizer from {path}: {str(exc).splitlines()[0][:200]}") from None
 
 
-def load_scorer_model(path: str | Path) -> StepAwareCLIP:
-    """A saved SPM, or any plain CLIP/PickScore checkpoint used as a step-unaware scorer.
+def load_scorer_model(path: str | Path, base: str | Path | None = None,
+                      processor: str | Path | None = None) -> StepAwareCLIP:
+    """A saved SPM, the authors' released SPM, or a plain CLIP/PickScore used as a step-unaware scorer.
 
-    The second is the paper's "naive" ablation: the base preference model judging noisy
-    x0-predictions as if they were clean images (no timestep conditioning).
+    `path` is one of:
+
+    * a directory with `spm_config.json`: an SPM saved by this package (`spo train-spm`);
+    * a checkpoint released with the paper (RockeyCoss/SPO), in one of three spellings:
+      - `"authors:/path/to/sd-v1-5_step-aware_preference_model.bin"` (the prefix is optional when
+        the path is a file);
+      - a directory without `config.json` that holds the checkpoint file (named
+        `sd-v1-5_step-aware_preference_model.bin`, `sdxl_step-aware_preference_model.bin` or
+        `final_ckpt.bin`, or the only `*.bin`/`*.pt`/`*.pth`/`*.safetensors` file there) and,
+        optionally, `base/` (a copy of or link to yuvalkirstain/PickScore_v1) and `processor/`
+        (laion/CLIP-ViT-H-14-laion2B-s32B-b79K, for the tokenizer and image processor);
+    * any other CLIP/PickScore checkpoint (hub id or directory): the paper's "naive" ablation, the
+      base preference model judging noisy x0-predictions as if they were clean (no conditioning).
+
+    Authors' layout: one torch pickle (`torch.save`, fp32, written by DeepSpeed's zero_to_fp32) of
+    the whole wrapped model's state dict: every CLIP weight (the SPM fine-tunes the whole PickScore,
+    text tower included) under `model.` plus `model.t_embedder.mlp.{0,2}.*` (timestep MLP),
+    `model.vision_model.encoder.layers.<i>.adaLN_modulation.1.*` (per-block shift/scale/gate) and
+    `model.vision_model.adaLN_modulation.1.*` (pooled shift/scale). It holds no config, tokenizer or
+    processor: those come from `base` (default: `base/` next to the checkpoint, else the hub's
+    yuvalkirstain/PickScore_v1; only its config.json is read) and `processor` (default: `processor/`
+    next to the checkpoint, else a local `base` that has a preprocessor_config.json, else
+    laion/CLIP-ViT-H-14-laion2B-s32B-b79K), the repositories the authors build it from. `base` and
+    `processor` may be "PREFIX:NAME" plug-in paths. Examples:
+
+        load_scorer_model("authors:model_ckpts/sd-v1-5_step-aware_preference_model.bin")  # hub base
+        load_scorer_model("model_ckpts/sdxl_step-aware_preference_model.bin", base="/models/PickScore_v1",
+                          processor="/models/CLIP-ViT-H-14")
+        load_scorer_model("/models/spm_sd15")  # holds the .bin and base/ (and processor/)
+
+    The result (preprocessing="authors") gives the authors' `get_preference_score` to float
+    rounding: feed the raw scheduler timestep t in [0, 1000) (0 for the final, clean image), as
+    their sampler does. `.save_pretrained(dir)` converts it to this package's format for good.
+    Wrong or missing files raise SPOError with a one-line reason and fix.
     """
+    from spo.preference import authors_checkpoint as authors
+
+    located = authors.locate(path, base=base, processor=processor)
+    if located is not None:
+        return authors.load_authors_spm(*located)
+    if base is not None or processor is not None:
+        raise SPOError(f"{path} is not an authors' SPM checkpoint, so base/processor do not apply; "
+                       "pass the checkpoint file (e.g. authors:/path/to/sd-v1-5_step-aware_preference_model.bin)")
     if (Path(path) / SPM_CONFIG).is_file():
         return StepAwareCLIP.from_pretrained(path)
     return StepAwareCLIP.from_base(path, time_conditioned=False)
