@@ -42,9 +42,21 @@ def init_trackers(accelerator, project: str, plain_config: dict, report_to: str)
         accelerator.init_trackers(project, config=flat_config(plain_config))
 
 
-def stream(seed: int, epoch: int, rank: int, purpose: int) -> torch.Generator:
-    """The generator of one (seed, epoch, process, purpose) random stream."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1009 + rank) * 7 + purpose)
+# Every random stream of a run has a named purpose; adding one = appending a name (never reorder).
+PURPOSES = ("sample", "share", "shuffle", "dpo_order", "dpo_noise", "spm_noise", "prompt_order")
+
+
+def stream(seed: int, epoch: int, rank: int, purpose: str, index: int = 0) -> torch.Generator:
+    """The generator of one (seed, epoch, process, purpose, index) random stream.
+
+    The five numbers go through numpy's SeedSequence (a hash designed for exactly this), so no two
+    streams of a run share a seed, unlike any arithmetic mix of small integers.
+    """
+    import numpy as np
+
+    entropy = [seed, epoch, rank, PURPOSES.index(purpose), index]
+    hi, lo = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed((int(hi) << 32 | int(lo)) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
 def numbered(out: Path, prefix: str) -> list[Path]:

@@ -77,9 +77,9 @@ class DiffusionDPO:
 
         cfg, acc, d = self.cfg, trainer.acc, trainer.diffusion
         collate = PairCollator(d.resolution)
-        order = cycled_order(len(self.pairs_data), cfg.dpo.pairs_per_epoch, stream(cfg.train.seed, epoch, 0, 20))
+        order = cycled_order(len(self.pairs_data), cfg.dpo.pairs_per_epoch, stream(cfg.train.seed, epoch, 0, "dpo_order"))
         mine = order[acc.process_index :: acc.num_processes].tolist()
-        gen = stream(cfg.train.seed, epoch, acc.process_index, 21)
+        gen = stream(cfg.train.seed, epoch, acc.process_index, "dpo_noise")
         t0, used = time.time(), 0
         for start in range(0, len(mine), cfg.train.batch_size):
             batch = collate([self.pairs_data[i] for i in mine[start : start + cfg.train.batch_size]])

@@ -104,7 +104,7 @@ class SPO:
         from spo.runtime import stream
 
         s, acc = self.cfg.sample, trainer.acc
-        gen = stream(self.cfg.train.seed, epoch, acc.process_index, 1)
+        gen = stream(self.cfg.train.seed, epoch, acc.process_index, "sample")
         trainer.diffusion.pipe.unet = acc.unwrap_model(trainer.unet)
         parts, stats, prompts = [], [], []
         trainer.unet.eval()
@@ -138,13 +138,13 @@ class SPO:
             shifted.append(Pairs(**{**part.__dict__, "prompt_index": part.prompt_index + offset}))
             offset += len(part_prompts)
         all_prompts = [p for _, ps in everyone for p in ps]
-        mine = share_out(shifted, acc.process_index, acc.num_processes, stream(cfg.train.seed, epoch, 0, 9))
+        mine = share_out(shifted, acc.process_index, acc.num_processes, stream(cfg.train.seed, epoch, 0, "share"))
         self._stats["pairs_trained"] = len(mine)
         if len(mine) == 0:
             return
         t0 = time.time()
         for inner in range(cfg.train.inner_epochs):
-            order = torch.randperm(len(mine), generator=stream(cfg.train.seed, epoch, 0, 10 + inner))
+            order = torch.randperm(len(mine), generator=stream(cfg.train.seed, epoch, 0, "shuffle", inner))
             for start in range(0, len(mine), cfg.train.batch_size):
                 batch = mine.select(order[start : start + cfg.train.batch_size]).to(acc.device)
                 cond, uncond = trainer.diffusion.encode_prompts([all_prompts[i] for i in batch.prompt_index.tolist()])
