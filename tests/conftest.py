@@ -25,8 +25,9 @@ def tiny_spm(tiny_world, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("spm")
     result = CliRunner().invoke(cli, [
-        "train-spm", f"dataset={tiny_world / 'preference'}", f"diffusion_model={tiny_world / 'sd'}",
-        f"base={tiny_world / 'pickscore'}", f"output_dir={out}", "max_steps=1", "batch_size=4", "report_to=none"])
+        "train-spm", f"data.dataset={tiny_world / 'preference'}", f"model.diffusion_model={tiny_world / 'sd'}",
+        f"model.base={tiny_world / 'pickscore'}", f"log.output_dir={out}", "train.max_steps=1", "train.batch_size=4",
+        "log.report_to=none"])
     assert result.exit_code == 0, result.output
     return out / "spm"
 

@@ -85,9 +85,9 @@ def sdxl_spm(sdxl_dir, tmp_path_factory):
     """A step-aware preference model trained through `spo train-spm` with the SDXL model as the noiser."""
     out = tmp_path_factory.mktemp("spm-sdxl")
     result = CliRunner().invoke(cli, [
-        "train-spm", "dataset=world:preference", "split=validation", f"diffusion_model={sdxl_dir / 'pipeline'}",
-        f"vae={sdxl_dir / 'vae'}", "base=world:pickscore", f"output_dir={out}", "max_steps=2", "batch_size=2",
-        "report_to=none"])
+        "train-spm", "data.dataset=world:preference", "data.split=validation",
+        f"model.diffusion_model={sdxl_dir / 'pipeline'}", f"model.vae={sdxl_dir / 'vae'}", "model.base=world:pickscore",
+        f"log.output_dir={out}", "train.max_steps=2", "train.batch_size=2", "log.report_to=none"])
     assert result.exit_code == 0, result.output
     return out / "spm"
 
@@ -103,7 +103,7 @@ def _spo_config(sdxl_dir, spm, out, *extra):
 
 
 def test_the_sdxl_presets_hold_the_papers_settings():
-    from spo.preference.train_spm import SPMTrainConfig
+    from spo.config import SPMTrainConfig
 
     cfg = load_config(SPOConfig, CONFIGS / "sdxl.yaml")
     s, t, m = cfg.sample, cfg.train, cfg.model
@@ -113,7 +113,11 @@ def test_the_sdxl_presets_hold_the_papers_settings():
     assert (t.batch_size, t.gradient_accumulation_steps) == (2, 2)
     assert (t.beta, t.eps, m.vae) == (10.0, 0.1, "madebyollin/sdxl-vae-fp16-fix")
     spm = load_config(SPMTrainConfig, CONFIGS / "spm_sdxl.yaml")
-    assert spm.relabel_threshold >= 0 and spm.vae == m.vae and "xl" in spm.diffusion_model
+    assert spm.model.vae == m.vae and "xl" in spm.model.diffusion_model
+    # the authors' relabelling: PickScore at t=0, a 2-way gap <= 0.1 becomes a kept tie
+    assert (spm.data.relabel_threshold, spm.data.relabel_ties) == (0.1, "tie")
+    assert (spm.train.learning_rate, spm.train.conditioning_learning_rate, spm.train.weight_decay) == (1e-6, 0, 0.3)
+    assert (spm.train.lr_scheduler, spm.train.lr_warmup_steps, spm.train.max_steps) == ("linear", 500, 7000)
 
 
 # ---------------------------------------------------------------- loading and conditioning

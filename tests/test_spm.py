@@ -248,14 +248,15 @@ def test_dataset_without_pick_a_pic_columns_is_refused(tmp_path):
 def _train(tiny_world, out, *extra):
     from spo.cli import cli
 
-    args = ["train-spm", f"dataset={tiny_world / 'preference'}", f"diffusion_model={tiny_world / 'sd'}",
-            f"base={tiny_world / 'pickscore'}", f"output_dir={out}", "batch_size=4", "report_to=none", *extra]
+    args = ["train-spm", f"data.dataset={tiny_world / 'preference'}", f"model.diffusion_model={tiny_world / 'sd'}",
+            f"model.base={tiny_world / 'pickscore'}", f"log.output_dir={out}", "train.batch_size=4",
+            "log.report_to=none", *extra]
     return CliRunner().invoke(cli, args)
 
 
 def test_train_spm_end_to_end_and_resume(tiny_world, tmp_path):
     out = tmp_path / "run"
-    result = _train(tiny_world, out, "max_steps=3", "checkpointing_steps=2")
+    result = _train(tiny_world, out, "train.max_steps=3", "log.checkpointing_steps=2")
     assert result.exit_code == 0, result.output
     assert (out / "spm" / "spm_config.json").is_file() and (out / "config.yaml").is_file()
     assert {p.name for p in (out / "checkpoints").iterdir()} == {"step-2", "step-3"}
@@ -264,28 +265,29 @@ def test_train_spm_end_to_end_and_resume(tiny_world, tmp_path):
     spm = StepAwareCLIP.from_pretrained(out / "spm")
     assert any(p.abs().sum() > 0 for p in spm.conditioning.blocks.parameters())  # the zero-init layers moved
 
-    result = _train(tiny_world, out, "max_steps=5", "checkpointing_steps=2", "resume=latest")
+    result = _train(tiny_world, out, "train.max_steps=5", "log.checkpointing_steps=2", "--resume", "latest")
     assert result.exit_code == 0, result.output
     assert json.loads((out / "data_report.json").read_text())["steps"] == 5
     assert (out / "checkpoints" / "step-5").is_dir() and not (out / "checkpoints" / "step-2").exists()
 
 
 def test_train_spm_relabel_mode_runs(tiny_world, tmp_path):
-    result = _train(tiny_world, tmp_path / "relabel", "max_steps=1", "relabel_threshold=0.0", "train_params=conditioning")
+    result = _train(tiny_world, tmp_path / "relabel", "train.max_steps=1", "data.relabel_threshold=0.0",
+                    "model.train_params=conditioning")
     assert result.exit_code == 0, result.output
 
 
 def test_train_spm_rejects_bad_config(tiny_world, tmp_path):
-    result = _train(tiny_world, tmp_path / "bad", "train_params=everything")
+    result = _train(tiny_world, tmp_path / "bad", "model.train_params=everything")
     assert result.exit_code != 0 and "train_params must be one of" in str(result.exception)
-    result = _train(tiny_world, tmp_path / "bad", "no_such_field=1")
+    result = _train(tiny_world, tmp_path / "bad", "train.no_such_field=1")
     assert result.exit_code != 0 and "unknown" in str(result.exception)
 
 
 def test_evaluate_spm_writes_table_and_plot(tiny_world, tmp_path):
     from spo.cli import cli
 
-    assert _train(tiny_world, tmp_path / "run", "max_steps=1").exit_code == 0
+    assert _train(tiny_world, tmp_path / "run", "train.max_steps=1").exit_code == 0
     result = CliRunner().invoke(cli, [
         "evaluate-spm", "--spm", str(tmp_path / "run" / "spm"), "--base", str(tiny_world / "pickscore"),
         "--dataset", str(tiny_world / "preference"), "--diffusion-model", str(tiny_world / "sd"),

@@ -115,6 +115,8 @@ class TrainConfig:
     eps: float = setting(0.1, "ratio clip: log r is clamped to [log(1 - eps), log(1 + eps)]", gt=0, lt=1)
     learning_rate: float = setting(6e-5, "AdamW learning rate", gt=0)
     adam_weight_decay: float = setting(1e-4, "AdamW weight decay", ge=0)
+    lr_scheduler: str = setting("constant", "learning-rate schedule (diffusers' get_scheduler)", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = setting(0, "warm-up optimizer steps of the schedule", ge=0)
     batch_size: int = setting(8, "pairs per micro-batch", ge=1)
     gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step", ge=1)
     max_grad_norm: float = setting(1.0, "clip the gradient norm to this (0 = no clipping)", ge=0)
@@ -174,7 +176,9 @@ class SPMDataConfig:
     dataset: str = setting("", "preference data: hub id, save_to_disk dir, parquet dir or file (Pick-a-Pic schema)")
     split: str = setting("train", "dataset split to train on")
     per_prompt_weighting: bool = setting(True, "each prompt counts equally (PickScore)")
-    relabel_threshold: float = setting(-1.0, ">= 0: relabel pairs with the base model at t=0, drop |p0-p1| < it")
+    relabel_threshold: float = setting(-1.0, ">= 0: relabel pairs with the base model at t=0 (authors' SDXL: 0.1)")
+    relabel_ties: str = setting("tie", "relabelled pairs with |p0 - p1| <= threshold: tie (0.5/0.5, kept) | drop",
+                                choices=("tie", "drop"))
 
 
 @dataclass
@@ -193,8 +197,11 @@ class SPMTrainingConfig:
     batch_size: int = setting(16, "pairs per process per micro-batch", ge=1)
     gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step", ge=1)
     learning_rate: float = setting(1e-5, "for the CLIP weights", gt=0)
-    conditioning_learning_rate: float = setting(1e-4, "for the new, zero-initialised conditioning weights", gt=0)
+    conditioning_learning_rate: float = setting(0.0, "for the new conditioning weights; 0 = learning_rate (one group)",
+                                                ge=0)
     weight_decay: float = setting(0.01, "AdamW weight decay", ge=0)
+    lr_scheduler: str = setting("constant", "learning-rate schedule (diffusers' get_scheduler)", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = setting(0, "warm-up optimizer steps of the schedule", ge=0)
     max_grad_norm: float = setting(1.0, "clip the gradient norm to this (0 = no clipping)", ge=0)
     t_min: int = setting(0, "timesteps are drawn uniformly from [t_min, t_max]", ge=0)
     t_max: int = setting(999, "largest timestep drawn (below the model's num_train_timesteps)", ge=0)
