@@ -35,7 +35,8 @@ def tiny_spm(tiny_world, tmp_path_factory):
 def tiny_spo_args(world, spm, out, *extra):
     """`spo train` overrides for a seconds-long run on the tiny world."""
     return [f"model.pretrained={world / 'sd'}", f"model.spm={spm}", "sample.num_steps=4", "sample.divert_start_step=1",
-            "sample.batch_size=2", "sample.threshold=0", "train.batch_size=2", "train.num_epochs=2",
+            "sample.batch_size=2", "sample.batches_per_epoch=1", "sample.threshold=0", "train.batch_size=2",
+            "train.num_epochs=2",
             "train.learning_rate=1e-2", f"log.output_dir={out}", "log.report_to=none", *extra]
 
 

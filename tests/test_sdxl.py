@@ -110,7 +110,7 @@ def test_the_sdxl_presets_hold_the_papers_settings():
     assert (s.num_candidates, s.threshold, s.num_steps, s.eta) == (2, 0.4, 20, 1.0)
     assert (s.guidance_scale, s.divert_start_step) == (5.0, 4)
     assert (m.lora_rank, m.lora_alpha, t.learning_rate) == (64, 64.0, 1e-5)
-    assert (t.batch_size, t.gradient_accumulation_steps) == (2, 2)
+    assert (t.batch_size, t.gradient_accumulation_steps, t.max_grad_norm) == (2, 2, 0.0)
     assert (t.beta, t.eps, m.vae) == (10.0, 0.1, "madebyollin/sdxl-vae-fp16-fix")
     spm = load_config(SPMTrainConfig, CONFIGS / "spm_sdxl.yaml")
     assert spm.model.vae == m.vae and "xl" in spm.model.diffusion_model

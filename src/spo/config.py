@@ -102,11 +102,16 @@ class SampleConfig:
     eta: float = setting(1.0, "DDIM eta; > 0 so that each step is a Gaussian transition", gt=0)
     guidance_scale: float = setting(5.0, "classifier-free guidance, in sampling and in training", ge=0)
     num_candidates: int = setting(4, "K candidates per diverted step (a pair needs two)", ge=2)
-    threshold: float = setting(0.3, "keep a pair only if its softmax score gap exceeds this", ge=0, lt=1)
+    threshold: float = setting(0.3, "keep a pair only if its preference gap (keep_rule) exceeds this", ge=0, lt=1)
+    keep_rule: str = setting("best_worst", "gap of a candidate set: best_worst (the authors': tanh(Δs/2) of the best "
+                             "and worst score) | kway (softmax over all K)", choices=("best_worst", "kway"))
+    judge_precision: str = setting("fp32", "the step judge scores in fp32 (the authors) or under the run's autocast",
+                                   choices=("fp32", "autocast"))
     divert_start_step: int = setting(4, "plain sampling before this step index (index 4 of 20 is t = 751)", ge=0)
     inner_steps: int = setting(0, "> 0: branch every inner_steps+1 steps, train every transition between (SDXL)", ge=0)
-    batch_size: int = setting(8, "prompts per resampler call, per process", ge=1)
-    batches_per_epoch: int = setting(1, "resampler calls per epoch, per process", ge=1)
+    batch_size: int = setting(8, "prompts per resampler round (sample, then train on its pairs), per process", ge=1)
+    batches_per_epoch: int = setting(0, "rounds per epoch, per process; 0 = one shuffled pass over the prompts",
+                                     ge=0)
 
 
 @dataclass

@@ -4,8 +4,9 @@ Ordinary DDIM sampling (eta > 0, so each step is a Gaussian transition) up to `d
 from there, at every step, K candidates x_{t-1} are drawn from the same x_t and scored by the
 step-aware preference model through the next step's x0-prediction (that UNet call is kept and
 reused to continue the trajectory). The best and the worst candidate form a pair if their
-softmax-normalised score gap exceeds `threshold`; the trajectory then continues from a candidate
-chosen uniformly at random, so the next pair is independent of this one. At the last step the
+preference gap exceeds `threshold` (`pair_gap`: by default the authors' rule, the 2-way softmax of
+the best and worst scores, p_best − p_worst = tanh(Δs/2)); the trajectory then continues from a
+candidate chosen uniformly at random, so the next pair is independent of this one. At the last step the
 candidates are final latents and are scored as decoded images at t=0.
 """
 
@@ -78,6 +79,24 @@ class ResampleResult:
     stats: list[StepStats] = field(default_factory=list)
 
 
+KEEP_RULES = ("best_worst", "kway")
+
+
+def pair_gap(scores: torch.Tensor, rule: str = "best_worst") -> torch.Tensor:
+    """How clearly the best of each row of K scores beats the worst, in [0, 1).
+
+    best_worst (the authors' rule): softmax over the best and the worst score only,
+        p_best − p_worst = tanh((s_best − s_worst) / 2);
+    kway: softmax over all K scores, max_k p_k − min_k p_k (identical at K = 2, smaller for K > 2).
+    """
+    if rule == "best_worst":
+        return torch.tanh((scores.max(-1).values - scores.min(-1).values).float() / 2)
+    if rule == "kway":
+        probs = scores.softmax(-1)
+        return probs.max(-1).values - probs.min(-1).values
+    raise ValueError(f"unknown keep rule {rule!r}; choose one of {KEEP_RULES}")
+
+
 def _judge_device(judge, default: torch.device) -> torch.device:
     params = getattr(judge, "parameters", None)
     return next(params()).device if params is not None else default
@@ -99,7 +118,7 @@ def _score_candidates(diffusion, judge, candidates, t_next, cond, uncond, guidan
 @torch.no_grad()
 def resample(diffusion, judge, prompts: list[str], num_steps: int, guidance: float, eta: float,
              num_candidates: int, threshold: float, divert_start_step: int,
-             generator: torch.Generator, inner_steps: int = 0) -> ResampleResult:
+             generator: torch.Generator, inner_steps: int = 0, keep_rule: str = "best_worst") -> ResampleResult:
     """Run the step-wise resampler for one batch of prompts; see the module docstring.
 
     `diffusion` is a model-family adapter (`spo.models.Diffusion`); `judge(images, captions, t)` scores
@@ -150,9 +169,8 @@ def resample(diffusion, judge, prompts: list[str], num_steps: int, guidance: flo
         t_next = timesteps[i + span] if i + span < len(timesteps) else None
         scores, cand_out = _score_candidates(diffusion, judge, cur, t_next, cond_k, uncond_k, guidance, captions_k)
         scores = scores.view(b, k)
-        probs = scores.softmax(-1)
         best, worst = scores.argmax(-1), scores.argmin(-1)
-        gap = probs.max(-1).values - probs.min(-1).values
+        gap = pair_gap(scores, keep_rule)
         keep = (gap > threshold).cpu()
         st = StepStats(i, int(timesteps[i]), candidates=b, kept=int(keep.sum()), gap_sum=float(gap.sum()),
                        score_sum=float(scores.mean(-1).sum()))

@@ -5,6 +5,7 @@ random streams, checkpoint discovery and rotation, output-folder guard, fingerpr
 from __future__ import annotations
 
 import hashlib
+import re
 import resource
 import shutil
 from pathlib import Path
@@ -60,9 +61,12 @@ def stream(seed: int, epoch: int, rank: int, purpose: str, index: int = 0) -> to
 
 
 def numbered(out: Path, prefix: str) -> list[Path]:
-    """Complete and partial `<prefix>-N` checkpoint folders under out/checkpoints, oldest first."""
-    found = [p for p in (out / "checkpoints").glob(f"{prefix}-*") if p.name.split("-", 1)[1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+    """Checkpoint folders `<prefix>-N[-word-M...]` under out/checkpoints (never `.partial` ones), oldest first.
+
+    Ordered by their numbers as a tuple: epoch-2 < epoch-2-round-5 < epoch-3.
+    """
+    found = [p for p in (out / "checkpoints").glob(f"{prefix}-*") if re.fullmatch(rf"{prefix}-\d+(-[a-z]+-\d+)*", p.name)]
+    return sorted(found, key=lambda p: tuple(int(n) for n in re.findall(r"\d+", p.name)))
 
 
 def latest_checkpoint(out: Path, prefix: str, marker: str) -> Path | None:

@@ -8,8 +8,12 @@ continues exactly like the uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -44,6 +48,10 @@ class Trainer:
         self.epoch = self.global_step = self.nonfinite_in_a_row = self.nonfinite_total = 0
         self.unet_rows = {"forward": 0, "train": 0}
         self.dataset_size = 0
+        self.position = 0  # where the current epoch continues (the method's SafePoint position)
+        self.partial_metrics: dict[str, list[float]] = {}  # the current epoch's per-step metrics so far
+        self.last_checkpoint_step = 0
+        self.stop_requested = False
 
     # ---------------------------------------------------------------- setup
 
@@ -68,8 +76,9 @@ class Trainer:
         unet = self._trainable_network(self.diffusion.unet)
         self.trainable = [p for p in unet.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.trainable, lr=cfg.train.learning_rate, weight_decay=cfg.train.adam_weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        self.unet, self.optimizer, self.lr_scheduler = self.acc.prepare(unet, optimizer, scheduler)
+        self.unet, self.optimizer = self.acc.prepare(unet, optimizer)
+        # Stepped once per optimizer step here (not through accelerate, which would step it per process).
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         if self.resume:
             self._load_checkpoint(self.resume)
         if self.acc.is_main_process:
@@ -121,20 +130,60 @@ class Trainer:
 
     # ---------------------------------------------------------------- optimisation
 
-    def train_epoch(self, epoch: int) -> dict:
-        """One optimizer pass over the batches the method yields for `epoch`; epoch-mean metrics."""
-        metrics: dict[str, list[float]] = {}
-        for batch in self.method.batches(self, epoch):
+    def train_epoch(self, epoch: int) -> dict | None:
+        """Train on the batches the method yields for `epoch` from `self.position` on; epoch-mean metrics,
+        or None when a stop was requested (a checkpoint was written at a safe point)."""
+        from spo.methods import SafePoint
+
+        metrics = self.partial_metrics
+        for batch in self.method.batches(self, epoch, self.position):
+            if isinstance(batch, SafePoint):
+                self.position = batch.position
+                if self._at_safe_point():
+                    return None
+                continue
             with self.acc.accumulate(self.unet):
                 with self.acc.autocast():
                     loss, info = self.method.loss(self, batch)
                 if not self._optimize(loss):
                     continue
-            for k, v in {"loss": loss.item(), **info}.items():
+            scalars = {"loss": loss.item(), **info}
+            for k, v in scalars.items():
                 metrics.setdefault(k, []).append(v)
+            if self.acc.sync_gradients:
+                self.log_scalars({f"train/{k}": v for k, v in scalars.items()} | {"train/lr": self.lr_scheduler.get_last_lr()[0]})
         out = {k: sum(v) / len(v) for k, v in metrics.items()}
         out.update(self.method.epoch_metrics())
+        self.partial_metrics, self.position = {}, 0
         return out
+
+    def _at_safe_point(self) -> bool:
+        """Write a step checkpoint when one is due (or a stop was asked for); True = stop now."""
+        every = self.cfg.log.checkpointing_steps
+        aligned = self.acc.step % self.cfg.train.gradient_accumulation_steps == 0  # no half-accumulated gradient
+        due = every and self.global_step - self.last_checkpoint_step >= every
+        if aligned and (due or self.stop_requested):
+            self.save_checkpoint()
+        return aligned and self.stop_requested
+
+    def log_scalars(self, scalars: dict) -> None:
+        """Per-step scalars to the tracker, against the optimizer step."""
+        if self.cfg.log.report_to != "none":
+            self.acc.log({k: v for k, v in scalars.items() if isinstance(v, (int, float))}, step=self.global_step)
+
+    def _lr_factor(self, step: int) -> float:
+        """Learning-rate multiplier: linear warm-up over optimizer steps, then the schedule over the run."""
+        t = self.cfg.train
+        warm = min(1.0, (step + 1) / t.lr_warmup_steps) if t.lr_warmup_steps and t.lr_scheduler != "constant" else 1.0
+        if t.lr_scheduler in ("constant", "constant_with_warmup"):
+            return warm
+        progress = min(1.0, (self.epoch + self.position / max(1, self.method_rounds())) / t.num_epochs)
+        decay = 1 - progress if t.lr_scheduler == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        return warm * decay
+
+    def method_rounds(self) -> int:
+        rounds = getattr(self.method, "rounds_per_epoch", None)
+        return rounds(self.acc.num_processes) if rounds else 1
 
     def _optimize(self, loss: torch.Tensor) -> bool:
         """Backward and (at the end of an accumulation) an optimizer step; False when the loss was skipped."""
@@ -153,36 +202,46 @@ class Trainer:
         if acc.sync_gradients and cfg.train.max_grad_norm > 0:
             acc.clip_grad_norm_(self.trainable, cfg.train.max_grad_norm)
         self.optimizer.step()
-        self.lr_scheduler.step()
         self.optimizer.zero_grad()
         if acc.sync_gradients:
             self.global_step += 1
+            self.lr_scheduler.step()
         return True
 
     # ---------------------------------------------------------------- the loop
 
-    def train(self, on_epoch_end=None) -> Path:
-        """Run the remaining epochs; `on_epoch_end(trainer)` is called after each (e.g. to snapshot or evaluate)."""
+    def train(self, on_epoch_end=None) -> Path | None:
+        """Run the remaining epochs; `on_epoch_end(trainer)` is called after each (e.g. to snapshot or evaluate).
+
+        SIGINT/SIGTERM: the run stops at the next safe point with a checkpoint (`--resume latest` continues
+        it exactly) and returns None.
+        """
         from tqdm.auto import tqdm
 
         cfg = self.cfg
         bar = tqdm(total=cfg.train.num_epochs, initial=self.epoch, desc=cfg.method, disable=not self.acc.is_main_process)
-        while self.epoch < cfg.train.num_epochs:
-            t0 = time.time()
-            m = self.train_epoch(self.epoch)
-            self.epoch += 1
-            m.update(epoch=self.epoch, step=self.global_step, lr=self.lr_scheduler.get_last_lr()[0],
-                     epoch_seconds=time.time() - t0, peak_memory_mb=peak_memory_mb(self.acc.device),
-                     nonfinite_skipped=self.nonfinite_total, unet_forward_rows=self.unet_rows["forward"],
-                     unet_train_rows=self.unet_rows["train"])
-            self._record(m)
-            bar.update(1)
-            bar.set_postfix(loss=f"{m.get('loss', float('nan')):.4f}", acc=f"{m.get('reward_accuracy', float('nan')):.2f}",
-                            pairs=m.get("pairs_trained", 0))
-            if self.epoch % cfg.log.checkpointing_epochs == 0 or self.epoch == cfg.train.num_epochs:
-                self.save_checkpoint()
-            if on_epoch_end is not None:
-                on_epoch_end(self)
+        with _stop_on_signals(self):
+            while self.epoch < cfg.train.num_epochs:
+                t0 = time.time()
+                m = self.train_epoch(self.epoch)
+                if m is None:
+                    bar.close()
+                    self.log(f"[{cfg.method}] stopped at epoch {self.epoch}, position {self.position}; "
+                             f"continue with --resume latest")
+                    return None
+                self.epoch += 1
+                m.update(epoch=self.epoch, step=self.global_step, lr=self.lr_scheduler.get_last_lr()[0],
+                         epoch_seconds=time.time() - t0, peak_memory_mb=peak_memory_mb(self.acc.device),
+                         nonfinite_skipped=self.nonfinite_total, unet_forward_rows=self.unet_rows["forward"],
+                         unet_train_rows=self.unet_rows["train"])
+                self._record(m)
+                bar.update(1)
+                bar.set_postfix(loss=f"{m.get('loss', float('nan')):.4f}",
+                                acc=f"{m.get('reward_accuracy', float('nan')):.2f}", pairs=m.get("pairs_trained", 0))
+                if self.epoch % cfg.log.checkpointing_epochs == 0 or self.epoch == cfg.train.num_epochs:
+                    self.save_checkpoint()
+                if on_epoch_end is not None:
+                    on_epoch_end(self)
         bar.close()
         return self.save_outputs()
 
@@ -203,7 +262,8 @@ class Trainer:
         from safetensors.torch import save_file
 
         self.acc.wait_for_everyone()
-        final = self.out / "checkpoints" / f"epoch-{self.epoch}"
+        name = f"epoch-{self.epoch}" + (f"-round-{self.position}" if self.position else "")
+        final = self.out / "checkpoints" / name
         if self.acc.is_main_process:
             with atomic_directory(final) as tmp:
                 save_file(self.trainable_state(), str(tmp / "trainable.safetensors"))
@@ -212,11 +272,17 @@ class Trainer:
                 save_config(self.cfg, tmp / "config.yaml")
                 # state.json is written last: a checkpoint without it is incomplete and never resumed from
                 (tmp / "state.json").write_text(json.dumps(dict(
-                    epoch=self.epoch, global_step=self.global_step, digest=self.cfg.digest(),
-                    nonfinite_total=self.nonfinite_total, unet_rows=self.unet_rows)))
+                    epoch=self.epoch, position=self.position, global_step=self.global_step, digest=self.cfg.digest(),
+                    nonfinite_total=self.nonfinite_total, unet_rows=self.unet_rows,
+                    partial_metrics=self.partial_metrics, method_progress=self._method_progress())))
             rotate_checkpoints(self.out, "epoch", self.cfg.log.checkpoints_total_limit)
+        self.last_checkpoint_step = self.global_step
         self.acc.wait_for_everyone()
         return final
+
+    def _method_progress(self) -> dict:
+        state = getattr(self.method, "progress_state", None)
+        return state() if state and self.position else {}
 
     def _load_checkpoint(self, where: str) -> None:
         from safetensors.torch import load_file
@@ -236,9 +302,14 @@ class Trainer:
         self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
         self.lr_scheduler.load_state_dict(torch.load(ckpt / "lr_scheduler.pt", weights_only=True))
         self.epoch, self.global_step = state["epoch"], state["global_step"]
+        self.position, self.partial_metrics = state.get("position", 0), state.get("partial_metrics", {})
+        if self.position and hasattr(self.method, "restore_progress"):
+            self.method.restore_progress(state.get("method_progress", {}))
+        self.last_checkpoint_step = self.global_step
         self.nonfinite_total = state.get("nonfinite_total", 0)
         self.unet_rows = dict(state.get("unet_rows", self.unet_rows))
-        self.log(f"[{self.cfg.method}] resumed from {ckpt} (epoch {self.epoch}, step {self.global_step})")
+        self.log(f"[{self.cfg.method}] resumed from {ckpt} (epoch {self.epoch}, position {self.position}, "
+                 f"step {self.global_step})")
 
     def save_outputs(self) -> Path:
         """LoRA in the diffusers format (`load_lora_weights` reads it), or a full pipeline directory."""
@@ -264,6 +335,27 @@ class Trainer:
 
 
 SPOTrainer = Trainer  # the name earlier versions exported
+
+
+@contextlib.contextmanager
+def _stop_on_signals(trainer: Trainer):
+    """SIGINT/SIGTERM ask the trainer to stop at its next safe point (a second SIGINT stops at once)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def ask(signum, frame):
+        if trainer.stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        trainer.stop_requested = True
+        trainer.log(f"[{trainer.cfg.method}] stop requested: checkpoint at the next safe point (Ctrl-C again to abort)")
+
+    previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def save_lora(unet, directory: Path, rank: int, alpha: float, pipeline_cls=None) -> None:

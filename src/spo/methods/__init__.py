@@ -4,14 +4,25 @@ the trainer (`spo.trainer`) is generic. Adding a method = one module here + one 
 A method is a class built as `cls(cfg)` (the whole `SPOConfig`) with:
   load_data(trainer)            before the models load (prompts, datasets); fail early on bad data
   load_models(trainer)          after the diffusion model loads (judges, ...) onto trainer.acc.device
-  batches(trainer, epoch)       yields the epoch's training micro-batches (it may sample in between)
+  batches(trainer, epoch, start) yields the epoch's training micro-batches from position `start` (it may
+                                sample in between), and a `SafePoint(position)` wherever the epoch could
+                                stop and later restart at `position` (a checkpoint or a clean stop)
   loss(trainer, batch)          -> (scalar loss, {metric: float}) under autocast, with gradients
   epoch_metrics()               -> {metric: value} of the epoch just finished (pairs, sampling stats)
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from spo.errors import SPOError
+
+
+@dataclass
+class SafePoint:
+    """Yielded by `Method.batches` between batches: the epoch can be checkpointed and restarted here."""
+
+    position: int  # what `batches(trainer, epoch, start=position)` needs to continue from this point
 
 METHODS: dict[str, type] = {}
 

@@ -70,8 +70,9 @@ class DiffusionDPO:
     def load_models(self, trainer) -> None:
         pass
 
-    def batches(self, trainer, epoch: int):
+    def batches(self, trainer, epoch: int, start: int = 0):
         """`dpo.pairs_per_epoch` offline pairs, the same order on every process, each taking its share."""
+        from spo.methods import SafePoint
         from spo.preference.data import PairCollator
         from spo.runtime import stream
 
@@ -79,18 +80,21 @@ class DiffusionDPO:
         collate = PairCollator(d.resolution)
         order = cycled_order(len(self.pairs_data), cfg.dpo.pairs_per_epoch, stream(cfg.train.seed, epoch, 0, "dpo_order"))
         mine = order[acc.process_index :: acc.num_processes].tolist()
-        gen = stream(cfg.train.seed, epoch, acc.process_index, "dpo_noise")
-        t0, used = time.time(), 0
-        for start in range(0, len(mine), cfg.train.batch_size):
-            batch = collate([self.pairs_data[i] for i in mine[start : start + cfg.train.batch_size]])
-            if batch is None:
-                continue
-            first_wins = (batch["labels"][:, 0] > 0.5)[:, None, None, None]
-            win = torch.where(first_wins, batch["img0"], batch["img1"])
-            lose = torch.where(first_wins, batch["img1"], batch["img0"])
-            yield self._noised_pair_batch(d, win, lose, batch["captions"], gen)
-            used += len(win)
-        self._stats = dict(pairs_trained=used, pairs_per_s=used / max(time.time() - t0, 1e-9),
+        if start == 0:
+            self._stats = dict(pairs_trained=0)
+        t0 = time.time()
+        starts = range(0, len(mine), cfg.train.batch_size)
+        for k in range(start, len(starts)):
+            batch = collate([self.pairs_data[i] for i in mine[starts[k] : starts[k] + cfg.train.batch_size]])
+            if batch is not None:
+                first_wins = (batch["labels"][:, 0] > 0.5)[:, None, None, None]
+                win = torch.where(first_wins, batch["img0"], batch["img1"])
+                lose = torch.where(first_wins, batch["img1"], batch["img0"])
+                gen = stream(cfg.train.seed, epoch, acc.process_index, "dpo_noise", k)
+                yield self._noised_pair_batch(d, win, lose, batch["captions"], gen)
+                self._stats["pairs_trained"] += len(win)
+            yield SafePoint(k + 1)
+        self._stats.update(pairs_per_s=self._stats["pairs_trained"] / max(time.time() - t0, 1e-9),
                            data={k: v for k, v in collate.report.summary().items() if k != "pairs used"})
 
     @staticmethod
@@ -114,3 +118,9 @@ class DiffusionDPO:
 
     def epoch_metrics(self) -> dict:
         return dict(self._stats)
+
+    def progress_state(self) -> dict:
+        return dict(self._stats)
+
+    def restore_progress(self, state: dict) -> None:
+        self._stats = dict(state)

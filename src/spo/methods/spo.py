@@ -79,8 +79,31 @@ def share_out(parts: list, rank: int, world: int, generator: torch.Generator):
 # ------------------------------------------------------------------ the method
 
 
+def epoch_prompts(n_prompts: int, per_epoch: int, epoch: int, seed: int) -> list[int]:
+    """Prompt indices of an epoch: consecutive slices of shuffled passes over the prompt set.
+
+    Without replacement: every prompt comes once per pass; an epoch smaller than the set takes the
+    next `per_epoch` of the current pass and continues into a fresh shuffle when it runs out.
+    """
+    from spo.runtime import stream
+
+    first, last = epoch * per_epoch, (epoch + 1) * per_epoch
+    out = []
+    for p in range(first // n_prompts, -(-last // n_prompts)):
+        order = torch.randperm(n_prompts, generator=stream(seed, p, 0, "prompt_order")).tolist()
+        lo, hi = max(first - p * n_prompts, 0), min(last - p * n_prompts, n_prompts)
+        out += order[lo:hi]
+    return out
+
+
 class SPO:
-    """Step-aware preference optimisation: pairs from the step-wise resampler, the SPO pair loss."""
+    """Step-aware preference optimisation, on-policy as the authors run it.
+
+    An epoch is a sequence of rounds. In each round every process samples `sample.batch_size` prompts
+    of its disjoint shard with the step-wise resampler and the current policy; the round's pairs of all
+    processes are pooled and shared out equally, and trained on before the next round samples. Host
+    memory holds one round's pairs of all processes.
+    """
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -96,60 +119,96 @@ class SPO:
         from spo.plugins import resolve
         from spo.preference.spm import load_scorer_model
 
-        self.judge = load_scorer_model(resolve(self.cfg.model.spm)).eval().requires_grad_(False).to(trainer.acc.device)
+        self.spm = load_scorer_model(resolve(self.cfg.model.spm)).eval().requires_grad_(False).to(trainer.acc.device)
 
-    def sample(self, trainer, epoch: int):
-        """This process's resampler batches of the epoch, with the policy as it stands: (pairs, stats, prompts)."""
-        from spo.resampler import Pairs, resample
+    def judge(self, images, captions, t):
+        """The step judge; in fp32 even under a half-precision run unless sample.judge_precision=autocast."""
+        if self.cfg.sample.judge_precision == "autocast":
+            return self.spm(images, captions, t)
+        with torch.autocast(images.device.type, enabled=False):
+            return self.spm(images.float(), captions, t)
+
+    def rounds_per_epoch(self, world: int) -> int:
+        s = self.cfg.sample
+        return s.batches_per_epoch or max(1, len(self.prompts) // (s.batch_size * world))
+
+    def round_prompts(self, epoch: int, rnd: int, rank: int, world: int) -> list[str]:
+        """This process's prompts of one round: its disjoint slice of the epoch's shuffled prompts."""
+        s = self.cfg.sample
+        per_round = s.batch_size * world
+        idx = epoch_prompts(len(self.prompts), per_round * self.rounds_per_epoch(world), epoch, self.cfg.train.seed)
+        mine = idx[rnd * per_round : (rnd + 1) * per_round][rank::world]
+        return [self.prompts[i] for i in mine]
+
+    def sample(self, trainer, epoch: int, rnd: int = 0):
+        """One resampler round of this process with the policy as it stands: (pairs, stats, prompts)."""
+        from spo.resampler import resample
         from spo.runtime import stream
 
         s, acc = self.cfg.sample, trainer.acc
-        gen = stream(self.cfg.train.seed, epoch, acc.process_index, "sample")
+        prompts = self.round_prompts(epoch, rnd, acc.process_index, acc.num_processes)
+        gen = stream(self.cfg.train.seed, epoch, acc.process_index, "sample", rnd)
         trainer.diffusion.pipe.unet = acc.unwrap_model(trainer.unet)
-        parts, stats, prompts = [], [], []
         trainer.unet.eval()
-        for _ in range(s.batches_per_epoch):
-            idx = torch.randint(len(self.prompts), (s.batch_size,), generator=gen)
-            batch_prompts = [self.prompts[i] for i in idx]
-            with acc.autocast():
-                result = resample(trainer.diffusion, self.judge, batch_prompts, s.num_steps, s.guidance_scale, s.eta,
-                                  s.num_candidates, s.threshold, s.divert_start_step, gen, s.inner_steps)
-            result.pairs.prompt_index += len(prompts)
-            prompts += batch_prompts
-            parts.append(result.pairs)
-            stats += result.stats
+        with acc.autocast():
+            result = resample(trainer.diffusion, self.judge, prompts, s.num_steps, s.guidance_scale, s.eta,
+                              s.num_candidates, s.threshold, s.divert_start_step, gen, s.inner_steps, s.keep_rule)
         trainer.unet.train()
-        return Pairs.cat(parts), stats, prompts
+        return result.pairs, result.stats, prompts
 
-    def batches(self, trainer, epoch: int):
-        """Sample the epoch, pool every process's pairs, then yield this process's share in minibatches."""
+    def batches(self, trainer, epoch: int, start: int = 0):
+        """Rounds `start`.. of the epoch: sample, pool and share the pairs, yield minibatches, then a SafePoint."""
+        from spo.methods import SafePoint
+
+        acc = trainer.acc
+        if start == 0:
+            self._stats = dict(pairs_sampled=0, pairs_trained=0, sample_seconds=0.0, train_seconds=0.0, kept=0,
+                               candidates=0, score_sum=0.0)
+        for rnd in range(start, self.rounds_per_epoch(acc.num_processes)):
+            t0 = time.time()
+            pairs, round_stats, prompts = self.sample(trainer, epoch, rnd)
+            for st in round_stats:
+                self._stats["kept"] += st.kept
+                self._stats["candidates"] += st.candidates
+                self._stats["score_sum"] += st.score_sum
+            mine, all_prompts = self._pool(acc, pairs, prompts, epoch, rnd)
+            self._stats["sample_seconds"] += time.time() - t0
+            self._stats["pairs_sampled"] += len(pairs)
+            self._stats["pairs_trained"] += len(mine)
+            trainer.log_scalars({f"sample/{k}": v for k, v in _sampling_summary(round_stats).items()})
+            t0 = time.time()
+            yield from self._minibatches(trainer, mine, all_prompts, epoch, rnd)
+            self._stats["train_seconds"] += time.time() - t0
+            yield SafePoint(rnd + 1)
+
+    def _pool(self, acc, pairs, prompts, epoch: int, rnd: int):
+        """Every process's pairs of the round, shuffled identically everywhere; this process's equal share."""
         from accelerate.utils import gather_object
 
         from spo.resampler import Pairs
         from spo.runtime import stream
 
-        cfg, acc = self.cfg, trainer.acc
-        t0 = time.time()
-        pairs, stats, prompts = self.sample(trainer, epoch)
-        self._stats = dict(pairs_sampled=len(pairs), sample_seconds=time.time() - t0, **_sampling_summary(stats))
         everyone = gather_object([(pairs, prompts)])
         shifted, offset = [], 0
         for part, part_prompts in everyone:  # prompt indices become indices into the concatenated list
             shifted.append(Pairs(**{**part.__dict__, "prompt_index": part.prompt_index + offset}))
             offset += len(part_prompts)
         all_prompts = [p for _, ps in everyone for p in ps]
-        mine = share_out(shifted, acc.process_index, acc.num_processes, stream(cfg.train.seed, epoch, 0, "share"))
-        self._stats["pairs_trained"] = len(mine)
-        if len(mine) == 0:
-            return
-        t0 = time.time()
-        for inner in range(cfg.train.inner_epochs):
-            order = torch.randperm(len(mine), generator=stream(cfg.train.seed, epoch, 0, "shuffle", inner))
-            for start in range(0, len(mine), cfg.train.batch_size):
-                batch = mine.select(order[start : start + cfg.train.batch_size]).to(acc.device)
+        share = share_out(shifted, acc.process_index, acc.num_processes, stream(self.cfg.train.seed, epoch, 0, "share", rnd))
+        return share, all_prompts
+
+    def _minibatches(self, trainer, mine, all_prompts, epoch: int, rnd: int):
+        from spo.runtime import stream
+
+        t = self.cfg.train
+        inner_epochs = t.inner_epochs
+        for inner in range(inner_epochs if len(mine) else 0):
+            gen = stream(t.seed, epoch, 0, "shuffle", rnd * inner_epochs + inner)
+            order = torch.randperm(len(mine), generator=gen)
+            for start in range(0, len(mine), t.batch_size):
+                batch = mine.select(order[start : start + t.batch_size]).to(trainer.acc.device)
                 cond, uncond = trainer.diffusion.encode_prompts([all_prompts[i] for i in batch.prompt_index.tolist()])
                 yield batch, cond, uncond
-        self._stats["pairs_per_s"] = len(mine) * cfg.train.inner_epochs / max(time.time() - t0, 1e-9)
 
     def loss(self, trainer, batch):
         pairs, cond, uncond = batch
@@ -161,14 +220,26 @@ class SPO:
         if not torch.isfinite(loss):
             return loss, {}
         lo, hi = math.log(1 - t.eps), math.log(1 + t.eps)
-        lw, ll = info["log_ratio_win"], info["log_ratio_lose"]
+        lw, ll, margin = info["log_ratio_win"], info["log_ratio_lose"], info["margin"]
+        decided = margin != 0  # exact ties (policy = reference, e.g. the first step) are neither right nor wrong
         return loss, dict(
-            reward_accuracy=(info["margin"] > 0).float().mean().item(), ratio_win=lw.exp().mean().item(),
-            ratio_lose=ll.exp().mean().item(),
+            reward_accuracy=(margin[decided] > 0).float().mean().item() if decided.any() else float("nan"),
+            ratio_win=lw.exp().mean().item(), ratio_lose=ll.exp().mean().item(),
             clipped=((lw < lo) | (lw > hi) | (ll < lo) | (ll > hi)).float().mean().item())
 
     def epoch_metrics(self) -> dict:
+        s = dict(self._stats)
+        candidates = max(1, s.pop("candidates"))
+        s["fraction_kept"], s["spm_score"] = s.pop("kept") / candidates, s.pop("score_sum") / candidates
+        s["pairs_per_s"] = s["pairs_trained"] * self.cfg.train.inner_epochs / max(s["train_seconds"], 1e-9)
+        return s
+
+    def progress_state(self) -> dict:
+        """What `epoch_metrics` needs to cover a whole epoch after a restart inside it."""
         return dict(self._stats)
+
+    def restore_progress(self, state: dict) -> None:
+        self._stats = dict(state)
 
 
 def _sampling_summary(stats) -> dict:
