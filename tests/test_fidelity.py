@@ -136,3 +136,31 @@ def test_sigint_stops_at_a_safe_point_with_a_checkpoint_and_resume_finishes_iden
     done = subprocess.run(run(part, "--resume", "latest"), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert_same_run(part, full)
+
+
+# ------------------------------------------------------------------ ablation switches
+
+
+def test_continuation_from_the_winner_or_the_loser(tiny_world, tiny_spm):
+    from spo.models import Diffusion, load_pipeline
+    from spo.resampler import resample
+
+    d = Diffusion(load_pipeline(tiny_world / "sd"))
+    picks = {}
+
+    def judge(images, captions, t):
+        return images.mean(dim=(1, 2, 3))
+
+    for how in ("best", "worst"):
+        r = resample(d, judge, ["a red circle"] * 3, 4, 5.0, 1.0, 3, 0.0, 1, torch.Generator().manual_seed(0),
+                     continuation=how)
+        picks[how] = [st.chosen_rank_counts for st in r.stats]
+    assert all(c[0] == 3 for c in picks["best"])  # rank 0 = the best candidate, chosen for all 3 prompts
+    assert all(c[-1] == 3 for c in picks["worst"])
+
+
+def test_a_registry_scorer_judges_steps(tiny_world, tiny_spm, tmp_path):
+    """The oracle row: the world's true utility on the x0-predictions as the step judge."""
+    tr = _trainer(tiny_world, tiny_spm, tmp_path / "o", "model.spm=scorer:world-utility", "train.num_epochs=1")
+    pairs, stats, _ = tr.method.sample(tr, 0)
+    assert stats and all(0 <= st.score_sum / st.candidates <= 1 for st in stats)

@@ -88,7 +88,8 @@ class LogConfig:
 class ModelConfig:
     pretrained: str = setting("world:sd", "SD or SDXL diffusers pipeline (family read from it): hub id, dir, world:sd")
     vae: str = setting("", "separate VAE replacing the pipeline's (e.g. madebyollin/sdxl-vae-fp16-fix); empty = own")
-    spm: str = setting("world:spm", "step-aware preference model directory (`spo train-spm` output)")
+    spm: str = setting("world:spm", "step judge: an SPM dir (`spo train-spm`), authors:CKPT, a CLIP dir (naive), or "
+                       "scorer:NAME (any registered scorer on the x0-predictions, e.g. scorer:world-utility)")
     use_lora: bool = setting(True, "False: full fine-tuning (the reference is then a frozen copy)")
     lora_rank: int = setting(4, "LoRA rank", ge=1)
     lora_alpha: float = setting(4.0, "LoRA alpha, saved in the LoRA metadata; equal to the rank keeps a scale of 1", gt=0)
@@ -105,6 +106,8 @@ class SampleConfig:
     threshold: float = setting(0.3, "keep a pair only if its preference gap (keep_rule) exceeds this", ge=0, lt=1)
     keep_rule: str = setting("best_worst", "gap of a candidate set: best_worst (the authors': tanh(Δs/2) of the best "
                              "and worst score) | kway (softmax over all K)", choices=("best_worst", "kway"))
+    continuation: str = setting("random", "candidate the trajectory continues from: random (the paper) | best | worst",
+                                choices=("random", "best", "worst"))
     judge_precision: str = setting("fp32", "the step judge scores in fp32 (the authors) or under the run's autocast",
                                    choices=("fp32", "autocast"))
     divert_start_step: int = setting(4, "plain sampling before this step index (index 4 of 20 is t = 751)", ge=0)

@@ -98,8 +98,8 @@ def pair_gap(scores: torch.Tensor, rule: str = "best_worst") -> torch.Tensor:
 
 
 def _judge_device(judge, default: torch.device) -> torch.device:
-    params = getattr(judge, "parameters", None)
-    return next(params()).device if params is not None else default
+    first = next(judge.parameters(), None) if hasattr(judge, "parameters") else None
+    return first.device if first is not None else default
 
 
 def _score_candidates(diffusion, judge, candidates, t_next, cond, uncond, guidance, captions):
@@ -118,7 +118,8 @@ def _score_candidates(diffusion, judge, candidates, t_next, cond, uncond, guidan
 @torch.no_grad()
 def resample(diffusion, judge, prompts: list[str], num_steps: int, guidance: float, eta: float,
              num_candidates: int, threshold: float, divert_start_step: int,
-             generator: torch.Generator, inner_steps: int = 0, keep_rule: str = "best_worst") -> ResampleResult:
+             generator: torch.Generator, inner_steps: int = 0, keep_rule: str = "best_worst",
+             continuation: str = "random") -> ResampleResult:
     """Run the step-wise resampler for one batch of prompts; see the module docstring.
 
     `diffusion` is a model-family adapter (`spo.models.Diffusion`); `judge(images, captions, t)` scores
@@ -186,7 +187,9 @@ def resample(diffusion, judge, prompts: list[str], num_steps: int, guidance: flo
                     win=chain[j + 1][w].cpu(), lose=chain[j + 1][l].cpu(), prompt_index=idx.clone(),
                     step_index=torch.full((len(idx),), i + j), gap=gap[idx].cpu(), x_t_lose=chain[j][l].cpu(),
                     shared=torch.full((len(idx),), j == 0)))
-        choice = torch.randint(k, (b,), generator=generator)
+        choice = torch.randint(k, (b,), generator=generator)  # drawn always, so the streams stay aligned
+        if continuation != "random":  # the paper's ablation: continue from the winner or the loser
+            choice = (best if continuation == "best" else worst).cpu()
         ranks = (scores > scores[rows, choice.to(scores.device)][:, None]).sum(-1).cpu()
         st.chosen_rank_counts = torch.bincount(ranks, minlength=k).tolist()
         x = cur.view(b, k, *x.shape[1:])[rows, choice]

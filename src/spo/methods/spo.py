@@ -116,10 +116,9 @@ class SPO:
         trainer.dataset_size = len(self.prompts)
 
     def load_models(self, trainer) -> None:
-        from spo.plugins import resolve
-        from spo.preference.spm import load_scorer_model
+        from spo.preference.judges import load_step_judge
 
-        self.spm = load_scorer_model(resolve(self.cfg.model.spm)).eval().requires_grad_(False).to(trainer.acc.device)
+        self.spm = load_step_judge(self.cfg.model.spm, trainer.acc.device)
 
     def judge(self, images, captions, t):
         """The step judge; in fp32 even under a half-precision run unless sample.judge_precision=autocast."""
@@ -152,7 +151,8 @@ class SPO:
         trainer.unet.eval()
         with acc.autocast():
             result = resample(trainer.diffusion, self.judge, prompts, s.num_steps, s.guidance_scale, s.eta,
-                              s.num_candidates, s.threshold, s.divert_start_step, gen, s.inner_steps, s.keep_rule)
+                              s.num_candidates, s.threshold, s.divert_start_step, gen, s.inner_steps, s.keep_rule,
+                              s.continuation)
         trainer.unet.train()
         return result.pairs, result.stats, prompts
 
