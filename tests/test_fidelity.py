@@ -164,3 +164,36 @@ def test_a_registry_scorer_judges_steps(tiny_world, tiny_spm, tmp_path):
     tr = _trainer(tiny_world, tiny_spm, tmp_path / "o", "model.spm=scorer:world-utility", "train.num_epochs=1")
     pairs, stats, _ = tr.method.sample(tr, 0)
     assert stats and all(0 <= st.score_sum / st.candidates <= 1 for st in stats)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """One process holds one mixed-precision setting: start it afresh, and leave it afresh for the next test."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def test_a_bf16_autocast_run_resumes_exactly_from_a_mid_epoch_checkpoint(tiny_world, tiny_spm, tmp_path,
+                                                                          fresh_accelerate_state):
+    """Mixed precision (bf16 autocast on CPU; frozen weights in bf16, LoRA in fp32) resumes exactly too."""
+    import shutil
+
+    extra = ("sample.batches_per_epoch=2", "train.num_epochs=1", "log.checkpointing_steps=1",
+             "log.checkpoints_total_limit=20", "train.mixed_precision=bf16")
+    full, part = tmp_path / "full", tmp_path / "part"
+    tr = _trainer(tiny_world, tiny_spm, full, *extra)
+    assert tr.diffusion.pipe.text_encoder.dtype == torch.bfloat16 and all(p.dtype == torch.float32 for p in tr.trainable)
+    tr.train()
+    _trainer(tiny_world, tiny_spm, part, *extra).train()
+    for p in (part / "checkpoints").iterdir():
+        if p.name != "epoch-0-round-1":
+            shutil.rmtree(p)
+    shutil.rmtree(part / "lora")
+    (part / "metrics.jsonl").unlink()
+    resumed = _trainer(tiny_world, tiny_spm, part, *extra, resume="latest")
+    assert resumed.position == 1
+    resumed.train()
+    assert_same_run(part, full)

@@ -166,6 +166,13 @@ class Diffusion:
         parts = (self.pipe.vae, self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None))
         return [m for m in parts if m is not None]
 
+    def freeze(self, device, dtype: torch.dtype = torch.float32) -> None:
+        """Move the frozen parts to `device` in `dtype` (a half dtype halves their memory, as diffusers' training
+        scripts do); a VAE whose config asks to be upcast (SDXL's own) stays in fp32."""
+        for module in self.frozen_modules():
+            keep_fp32 = module is self.vae and self.vae.config.get("force_upcast", False)
+            module.requires_grad_(False).to(device, dtype=torch.float32 if keep_fp32 else dtype)
+
     @property
     def unet(self):
         return self.pipe.unet

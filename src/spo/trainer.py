@@ -71,8 +71,7 @@ class Trainer:
         set_seed(cfg.train.seed)  # the LoRA initialisation draws from the global generators
         self.diffusion = Diffusion(load_pipeline(resolve(cfg.model.pretrained), vae=resolve(cfg.model.vae) or None))
         self.method.load_models(self)
-        for module in self.diffusion.frozen_modules():
-            module.requires_grad_(False).to(self.acc.device)
+        self.diffusion.freeze(self.acc.device, self.weight_dtype)
         unet = self._trainable_network(self.diffusion.unet)
         self.trainable = [p for p in unet.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.trainable, lr=cfg.train.learning_rate, weight_decay=cfg.train.adam_weight_decay)
@@ -92,11 +91,14 @@ class Trainer:
         """LoRA adapters on the frozen network (reference = adapters off), or the whole network and a frozen copy."""
         m = self.cfg.model
         if m.use_lora:
+            from diffusers.training_utils import cast_training_params
             from peft import LoraConfig
 
-            unet.requires_grad_(False)
+            # The frozen base in the mixed-precision dtype, the LoRA weights in fp32 (diffusers' recipe).
+            unet.requires_grad_(False).to(dtype=self.weight_dtype)
             unet.add_adapter(LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha, init_lora_weights="gaussian",
                                         target_modules=list(m.lora_targets)))
+            cast_training_params(unet, dtype=torch.float32)
             self.reference_unet = None
         else:
             unet.requires_grad_(True)
@@ -113,6 +115,11 @@ class Trainer:
         """Machine-independent compute: UNet rows evaluated with gradients (forward + backward) or without."""
         sample = args[0] if args else kwargs["sample"]
         self.unet_rows["train" if torch.is_grad_enabled() else "forward"] += len(sample)
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype of frozen weights: the mixed-precision dtype (trainable weights always stay fp32)."""
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.cfg.train.mixed_precision, torch.float32)
 
     # ---------------------------------------------------------------- what methods call
 
@@ -269,6 +276,8 @@ class Trainer:
                 save_file(self.trainable_state(), str(tmp / "trainable.safetensors"))
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 torch.save(self.lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+                if self.acc.scaler is not None:  # fp16: the loss scale is part of the state an exact resume needs
+                    torch.save(self.acc.scaler.state_dict(), tmp / "scaler.pt")
                 save_config(self.cfg, tmp / "config.yaml")
                 # state.json is written last: a checkpoint without it is incomplete and never resumed from
                 (tmp / "state.json").write_text(json.dumps(dict(
@@ -301,6 +310,8 @@ class Trainer:
                 params[name].copy_(value)
         self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
         self.lr_scheduler.load_state_dict(torch.load(ckpt / "lr_scheduler.pt", weights_only=True))
+        if self.acc.scaler is not None and (ckpt / "scaler.pt").is_file():
+            self.acc.scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=True))
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.position, self.partial_metrics = state.get("position", 0), state.get("partial_metrics", {})
         if self.position and hasattr(self.method, "restore_progress"):
