@@ -175,7 +175,12 @@ class Diffusion:
 
     @property
     def unet(self):
+        """The trained network (a UNet here; a transformer in other families)."""
         return self.pipe.unet
+
+    @unet.setter
+    def unet(self, model) -> None:
+        self.pipe.unet = model
 
     @property
     def vae(self):
@@ -265,3 +270,13 @@ class Diffusion:
         """Scaled latents -> images in [-1, 1]."""
         with self._vae_precision():
             return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample.clamp(-1, 1)
+
+
+# The adapter class of each family; a new family registers its own here (e.g. a flow-matching adapter).
+ADAPTERS: dict[str, type] = {"sd": Diffusion, "sdxl": Diffusion}
+
+
+def load_diffusion(path_or_id: str | Path, vae: str | Path | None = None, dtype: torch.dtype | None = None):
+    """The model-family adapter for a checkpoint: its pipeline loaded, wrapped by the family's adapter."""
+    pipe = load_pipeline(path_or_id, dtype=dtype, vae=vae)
+    return ADAPTERS[FAMILIES[type(pipe).__name__]](pipe)

@@ -58,7 +58,7 @@ class Trainer:
     def setup(self) -> "Trainer":
         from accelerate.utils import set_seed
 
-        from spo.models import Diffusion, load_pipeline
+        from spo.models import load_diffusion
         from spo.plugins import resolve
 
         cfg = self.cfg
@@ -69,7 +69,7 @@ class Trainer:
         if cfg.train.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
         set_seed(cfg.train.seed)  # the LoRA initialisation draws from the global generators
-        self.diffusion = Diffusion(load_pipeline(resolve(cfg.model.pretrained), vae=resolve(cfg.model.vae) or None))
+        self.diffusion = load_diffusion(resolve(cfg.model.pretrained), vae=resolve(cfg.model.vae) or None)
         self.method.load_models(self)
         self.diffusion.freeze(self.acc.device, self.weight_dtype)
         unet = self._trainable_network(self.diffusion.unet)
@@ -336,7 +336,7 @@ class Trainer:
                 if self.cfg.model.use_lora:
                     save_lora(unet, tmp, self.cfg.model.lora_rank, self.cfg.model.lora_alpha, type(self.diffusion.pipe))
                 else:
-                    self.diffusion.pipe.unet = unet
+                    self.diffusion.unet = unet
                     self.diffusion.pipe.save_pretrained(tmp)
             from spo.plots import training_curves
 

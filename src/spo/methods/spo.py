@@ -147,7 +147,7 @@ class SPO:
         s, acc = self.cfg.sample, trainer.acc
         prompts = self.round_prompts(epoch, rnd, acc.process_index, acc.num_processes)
         gen = stream(self.cfg.train.seed, epoch, acc.process_index, "sample", rnd)
-        trainer.diffusion.pipe.unet = acc.unwrap_model(trainer.unet)
+        trainer.diffusion.unet = acc.unwrap_model(trainer.unet)
         trainer.unet.eval()
         with acc.autocast():
             result = resample(trainer.diffusion, self.judge, prompts, s.num_steps, s.guidance_scale, s.eta,

@@ -111,7 +111,7 @@ def train_spm(cfg: SPMTrainConfig, log=print, resume: str = "", overwrite: bool 
     from accelerate.utils import set_seed
 
     from spo.config import save_config, to_plain
-    from spo.models import Diffusion, load_pipeline
+    from spo.models import load_diffusion
     from spo.plugins import resolve
     from spo.preference.data import PairCollator, load_preference_dataset, prompt_weights
     from spo.preference.spm import StepAwareCLIP
@@ -124,7 +124,7 @@ def train_spm(cfg: SPMTrainConfig, log=print, resume: str = "", overwrite: bool 
     claim_output_dir(output, "config.yaml", overwrite, bool(resume), accelerator)
     set_seed(tr.seed)
     ds = load_preference_dataset(resolve(d.dataset), d.split)
-    diffusion = Diffusion(load_pipeline(resolve(m.diffusion_model), vae=resolve(m.vae) or None))
+    diffusion = load_diffusion(resolve(m.diffusion_model), vae=resolve(m.vae) or None)
     if tr.t_max >= diffusion.scheduler.config.num_train_timesteps:
         raise SPOError(f"train.t_max must be < {diffusion.scheduler.config.num_train_timesteps} (the model's "
                        f"num_train_timesteps), got {tr.t_max}")
