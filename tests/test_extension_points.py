@@ -28,7 +28,7 @@ class PullTowardsReference:
     def load_models(self, trainer):
         pass
 
-    def batches(self, trainer, epoch):
+    def batches(self, trainer, epoch, start=0):
         g = torch.Generator().manual_seed(epoch)
         for _ in range(2):
             x = torch.randn((2, 4, 16, 16), generator=g)
