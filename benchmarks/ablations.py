@@ -40,6 +40,7 @@ def variants(num_steps: int = 20, divert: int = 4) -> dict[str, list[tuple[str, 
 
 
 def main(argv=None) -> dict:
+    from spo.files import atomic_write_text
     from spo.prompts import load_prompts
     from spo.world import open_world
 
@@ -89,8 +90,8 @@ def main(argv=None) -> dict:
                   command="python benchmarks/ablations.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                   total_seconds=round(time.time() - started, 1))
     stem = "ablations" + ("_quick" if args.quick else "")
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    (args.out / f"{stem}.md").write_text(render(result))
+    atomic_write_text(args.out / f"{stem}.json", json.dumps(result, indent=2))
+    atomic_write_text(args.out / f"{stem}.md", render(result))
     print((args.out / f"{stem}.md").read_text())
     return result
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +74,7 @@ def _spm_t0(images, prompts) -> list[float]:
     import torch
 
     from spo.plugins import resolve
-    from spo.preference.spm import load_scorer_model
+    from spo.preference.judges import load_scorer_model
 
     spm = load_scorer_model(resolve("world:spm")).eval()
     x = torch.as_tensor(images).permute(0, 3, 1, 2).float() * 2 - 1
@@ -105,7 +106,7 @@ def seeds_and_prompts_ci(gains: np.ndarray, n_boot: int = 4000, seed: int = 0) -
 
 def summarise(results: list[dict], base: dict) -> list[dict]:
     out = []
-    for row in dict.fromkeys(r["row"] for r in results):
+    for row in dict.fromkeys(r for r in ROWS if any(x["row"] == r for x in results)):
         runs = sorted((r for r in results if r["row"] == row), key=lambda r: r["seed"])
         gains = np.array([np.subtract(r["utility"], base["utility"]) for r in runs])
         spm = np.array([np.subtract(r["spm_t0"], base["spm_t0"]) for r in runs])
@@ -163,11 +164,16 @@ def main(argv=None) -> dict:
     base = base_scores(prompts)
     jobs = [dict(row=r, seed=s, overrides=ROWS[r], epochs=args.epochs, prompts=prompts, work=str(args.work),
                  threads=args.threads, extra=extra) for s in range(args.seeds) for r in rows]
-    if args.jobs > 1:
-        with ProcessPoolExecutor(args.jobs) as pool:
-            results = list(pool.map(run_one, jobs))
-    else:
-        results = [run_one(j) for j in jobs]
+    args.out.mkdir(parents=True, exist_ok=True)
+    partial = args.out / ("multiseed_quick_runs.jsonl" if args.quick else "multiseed_runs.jsonl")
+    partial.write_text("")
+    results = []
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:  # each finished run is written at once: a cut-off run keeps them
+        for future in as_completed([pool.submit(run_one, j) for j in jobs]):
+            results.append(future.result())
+            with open(partial, "a") as f:
+                f.write(json.dumps(results[-1]) + "\n")
+            print(f"done {results[-1]['row']} seed {results[-1]['seed']} in {results[-1]['seconds']:.0f} s", flush=True)
     summary = summarise(results, base)
     import platform
 
@@ -175,7 +181,6 @@ def main(argv=None) -> dict:
                 command="python benchmarks/multiseed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 machine=f"{platform.machine()}, {os.cpu_count()} cores, {args.jobs} jobs x {args.threads} threads")
     name = "multiseed_quick" if args.quick else "multiseed"
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps(dict(meta=meta, base=base, summary=summary, runs=results), indent=1))
     (args.out / f"{name}.md").write_text(markdown(summary, base, meta))
     print(markdown(summary, base, meta))

@@ -59,6 +59,7 @@ def compute_to_reach(rows: list[dict], target: float, key: str) -> float | None:
 
 
 def main(argv=None) -> dict:
+    from spo.files import atomic_write_text
     from spo.prompts import load_prompts
     from spo.world import open_world
 
@@ -87,10 +88,10 @@ def main(argv=None) -> dict:
                   total_seconds=round(time.time() - started, 1))
     result["reach"] = reach_table(rows)
     stem = "quality_per_compute" + ("_quick" if args.quick else "")
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(args.out / f"{stem}.json", json.dumps(result, indent=2))
     plot(rows, args.out / f"{stem}.png")
     grid(base, finals, prompts, args.out / f"{stem}_samples.png")
-    (args.out / f"{stem}.md").write_text(render(result, stem))
+    atomic_write_text(args.out / f"{stem}.md", render(result, stem))
     print((args.out / f"{stem}.md").read_text())
     return result
 

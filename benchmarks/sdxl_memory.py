@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from spo.files import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 
 # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (architecture fields)
@@ -118,7 +120,8 @@ def build_spm(out: Path, device: str) -> int:
 
 def measure(work: Path, batches: int) -> dict:
     from spo.config import load_config
-    from spo.trainer import SPOConfig, SPOTrainer
+    from spo.config import SPOConfig
+    from spo.trainer import SPOTrainer
 
     cfg = load_config(SPOConfig, REPO / "configs" / "sdxl.yaml", [
         f"model.pretrained={work / 'sdxl'}", "model.vae=", f"model.spm={work / 'spm'}", "sample.threshold=0",
@@ -134,13 +137,13 @@ def measure(work: Path, batches: int) -> dict:
         weights = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    pairs, _, prompts = tr.sample_epoch(0)
+    pairs, _, prompts = tr.method.sample(tr, 0, 0)  # one resampler round: the sampling phase alone
     sample_s = time.time() - t0
     sample_peak = torch.cuda.max_memory_allocated() if cuda else 0
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    metrics = tr.train_epoch(pairs, prompts, 0)
+    metrics = tr.train_epoch(0)  # the on-policy epoch: each round samples, then trains on its pairs
     train_s = time.time() - t0
     train_peak = torch.cuda.max_memory_allocated() if cuda else 0
     return dict(
@@ -176,7 +179,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     tiny = " --tiny" if args.tiny else ""
     result["command"] = f"python benchmarks/sdxl_memory.py{tiny} --batches {args.batches}"
-    (args.out / "sdxl_memory.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(args.out / "sdxl_memory.json", json.dumps(result, indent=2))
     write_markdown(args.out / "sdxl_memory.md", result)
     print(json.dumps(result, indent=2))
 
@@ -198,7 +201,7 @@ def write_markdown(path: Path, r: dict) -> None:
         "| memory | GiB |", "|---|---|", *[f"| {name} | {value} |" for name, value in rows], "",
         f"Time: {r['prompts']} prompts sampled in {r['sample_seconds']} s ({r['pairs']} pairs, first batch includes "
         f"warm-up); {r['pairs']} pairs trained in {r['train_seconds']} s ({r['optimizer_steps']} optimizer steps).", ""]
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -40,21 +40,17 @@ from pathlib import Path
 
 import torch
 
-from spo.methods.spo import spo_loss
-from spo.models import guided_output
+from types import SimpleNamespace
+
+from spo.config import DEFAULT_LORA_TARGETS, ModelConfig, SampleConfig, TrainConfig
+from spo.files import atomic_write_text
+from spo.methods.spo import pair_loss, spo_loss, transition_inputs
+from spo.models import Diffusion, guided_output
 from spo.resampler import Pairs
 from spo.sampling import add_noise, ddim_transition, gaussian_log_prob
-from spo.trainer import (
-    DEFAULT_LORA_TARGETS,
-    ModelConfig,
-    OptimConfig,
-    SampleConfig,
-    pair_loss,
-    transition_inputs,
-)
 
 VARIANTS = ("ours", "straightforward")
-HP_SAMPLE, HP_TRAIN, HP_MODEL = SampleConfig(), OptimConfig(), ModelConfig()  # the library's training defaults
+HP_SAMPLE, HP_TRAIN, HP_MODEL = SampleConfig(), TrainConfig(), ModelConfig()  # the library's training defaults
 
 # Stable Diffusion 1.5's UNet (runwayml/stable-diffusion-v1-5, unet/config.json), written out so that
 # nothing is downloaded; the weights are random (throughput does not depend on their values).
@@ -111,6 +107,10 @@ def build_unet(model: str, world: str, dtype: torch.dtype, device: str, seed: in
     return unet.requires_grad_(False).to(device=device, dtype=dtype), sched, length
 
 
+def step_gap(sched) -> int:
+    return sched.config.num_train_timesteps // HP_SAMPLE.num_steps
+
+
 def make_pairs(unet, sched, length: int, latent: int, batch: int, n_batches: int, seed: int) -> list[dict]:
     """Fixed-seed pair batches whose win/lose are drawn from the base model's own DDIM transition.
 
@@ -130,7 +130,8 @@ def make_pairs(unet, sched, length: int, latent: int, batch: int, n_batches: int
         x, c, u = (v.to(device=device, dtype=unet.dtype) for v in (x_t, cond, uncond))
         with torch.no_grad():
             guided = guided_output(unet, x, t.to(device), c, u, HP_SAMPLE.guidance_scale)
-            mean, std, _ = ddim_transition(sched, guided, t.to(device), x.float(), HP_SAMPLE.eta)
+            mean, std, _ = ddim_transition(sched, guided, t.to(device), t.to(device) - step_gap(sched), x.float(),
+                                           HP_SAMPLE.eta)
         mean, std = mean.float().cpu(), std.float().cpu()
         win = mean + std * torch.randn(shape, generator=g)
         lose = mean + std * torch.randn(shape, generator=g)
@@ -140,7 +141,8 @@ def make_pairs(unet, sched, length: int, latent: int, batch: int, n_batches: int
 
 def to_pairs(b: dict, device: str, dtype: torch.dtype):
     n = len(b["timesteps"])
-    pairs = Pairs(x_t=b["x_t"].to(device, dtype), timesteps=b["timesteps"].to(device), win=b["win"].to(device),
+    pairs = Pairs(x_t=b["x_t"].to(device, dtype), timesteps=b["timesteps"].to(device),
+                  prev_timesteps=b["timesteps"].to(device) - 1000 // HP_SAMPLE.num_steps, win=b["win"].to(device),
                   lose=b["lose"].to(device), prompt_index=torch.arange(n), step_index=torch.zeros(n, dtype=torch.long),
                   gap=torch.ones(n)).to(device)
     return pairs, b["cond"].to(device, dtype), b["uncond"].to(device, dtype)
@@ -183,7 +185,7 @@ class CallCounter:
 
 def reference_output(unet, pairs: Pairs, cond, uncond) -> torch.Tensor:
     """The base model's guided output on `transition_inputs`: the same UNet with its adapters off."""
-    x, t, c, u, _ = transition_inputs(pairs, cond, uncond)
+    x, t, _, c, u, _ = transition_inputs(pairs, cond, uncond)
     with torch.no_grad():
         unet.disable_adapters()
         try:
@@ -195,7 +197,8 @@ def reference_output(unet, pairs: Pairs, cond, uncond) -> torch.Tensor:
 def ours_loss(unet, sched, pairs: Pairs, cond, uncond, with_info: bool = False):
     """Our training step's loss: one reference call (adapters off) + `pair_loss` (one policy call)."""
     ref = reference_output(unet, pairs, cond, uncond)
-    loss, info = pair_loss(unet, ref, sched, pairs, cond, uncond, HP_SAMPLE.guidance_scale, HP_SAMPLE.eta,
+    adapter = Diffusion(SimpleNamespace(unet=unet, scheduler=sched))  # the family adapter over a bare UNet
+    loss, info = pair_loss(adapter, unet, ref, pairs, cond, uncond, HP_SAMPLE.guidance_scale, HP_SAMPLE.eta,
                            HP_TRAIN.beta, HP_TRAIN.eps)
     return (loss, info) if with_info else loss
 
@@ -206,7 +209,7 @@ def straightforward_loss(unet, reference, sched, pairs: Pairs, cond, uncond):
 
     def log_prob(model, x_next):
         out = guided_output(model, pairs.x_t, pairs.timesteps, cond, uncond, g)
-        mean, std, _ = ddim_transition(sched, out, pairs.timesteps, pairs.x_t, eta)
+        mean, std, _ = ddim_transition(sched, out, pairs.timesteps, pairs.prev_timesteps, pairs.x_t, eta)
         return gaussian_log_prob(x_next, mean, std)
 
     policy_win = log_prob(unet, pairs.win)
@@ -526,7 +529,7 @@ def write_markdown(path: Path, results: dict) -> None:
     lines.append(f"- total wall time {results['wall_seconds']:.0f} s; raw numbers in `{results['name']}.json`")
     if results.get("notes"):
         lines += [f"- {n}" for n in results["notes"]]
-    _atomic_write(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def plot(path: Path, results: dict) -> None:
@@ -557,12 +560,6 @@ def plot(path: Path, results: dict) -> None:
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    tmp.replace(path)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
     tmp.replace(path)
 
 
@@ -603,7 +600,7 @@ def driver(args) -> dict:
             results["models"][m] = res
     results["wall_seconds"] = time.time() - t_start
     results["machine"]["load_average_at_end"] = os.getloadavg()[0]
-    _atomic_write(out / f"{name}.json", json.dumps(results, indent=1))
+    atomic_write_text(out / f"{name}.json", json.dumps(results, indent=1))
     write_markdown(out / f"{name}.md", results)
     plot(out / f"{name}.png", results)
     log(f"[throughput] wrote {out / name}.md/.png/.json in {results['wall_seconds']:.0f} s")

@@ -41,6 +41,7 @@ def forward_equivalents(snapshot: dict) -> int:
 def train_with_snapshots(config: str, overrides: list[str], out: Path, every: int, log=print) -> list[dict]:
     """Train, saving the LoRA every `every` epochs (and at the end) with the compute spent so far."""
     from spo.config import load_config
+    from spo.files import atomic_write_text
     from spo.trainer import SPOConfig, SPOTrainer, save_lora
 
     cfg = load_config(SPOConfig, config, list(overrides) + [f"log.output_dir={out}", "log.report_to=none"])
@@ -59,7 +60,7 @@ def train_with_snapshots(config: str, overrides: list[str], out: Path, every: in
         clock["excluded"] += time.time() - t0
 
     trainer.train(on_epoch_end=snapshot)
-    (out / "snapshots.json").write_text(json.dumps(snaps, indent=2))
+    atomic_write_text(out / "snapshots.json", json.dumps(snaps, indent=2))
     return snaps
 
 
@@ -70,26 +71,22 @@ def evaluate_lora(world: Path, lora: str | None, prompts: list[str], steps: int 
     Diversity: mean pairwise cosine distance between world-CLIP image features of `diversity_seeds`
     images of the same prompt; a policy that collapses onto one picture per prompt drives it to 0.
     """
-    from spo.evaluation import clip_image_features
+    from spo.evaluation import SPMScorer, clip_image_features, score_images
     from spo.generation import generate, load_model
-    from spo.preference.spm import StepAwareCLIP
     from spo.scorers import load_scorer
 
     pipe = load_model(str(world / "sd"), lora)
     images = generate(pipe, prompts, EVAL_SEED, steps, guidance, 0.0, desc="eval")
-    pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() * 2 - 1
-    pickscore = load_scorer(f"world-pickscore={world / 'pickscore'}").score(images, prompts)
-    spm = StepAwareCLIP.from_pretrained(world / "spm").eval()
-    with torch.no_grad():
-        spm_t0 = spm(pixels, prompts, torch.zeros(len(prompts))).numpy()
+    judges = [load_scorer("world-utility"), load_scorer(f"world-pickscore={world / 'pickscore'}"),
+              SPMScorer(world / "spm")]
+    scores = score_images(images, prompts, judges)
     repeated = [p for p in prompts[:diversity_prompts] for _ in range(diversity_seeds)]
     variants = generate(pipe, repeated, DIVERSITY_SEED, steps, guidance, 0.0, desc="diversity")
     feats = clip_image_features(world / "clip", variants).reshape(len(repeated) // diversity_seeds, diversity_seeds, -1)
     cos = np.einsum("psf,pqf->psq", feats, feats)
     off = ~np.eye(diversity_seeds, dtype=bool)
-    utility = load_scorer("world-utility").score(images, prompts)
-    return dict(utility=utility.tolist(), pickscore=np.asarray(pickscore).tolist(), spm_t0=spm_t0.tolist(),
-                diversity=float((1 - cos[:, off]).mean()), images=images[:16])
+    return dict(utility=scores["world-utility"].tolist(), pickscore=scores["world-pickscore"].tolist(),
+                spm_t0=scores["spm-t0"].tolist(), diversity=float((1 - cos[:, off]).mean()), images=images[:16])
 
 
 def summary_row(name: str, snap: dict, scores: dict, base: dict) -> dict:

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from spo.errors import SPOError
-from spo.preference.spm import StepAwareCLIP, load_scorer_model
+from spo.preference.judges import load_scorer_model
+from spo.preference.spm import StepAwareCLIP
 
 HIDDEN, LAYERS, PROJ, FREQ, SIZE = 32, 2, 24, 256, 32
 MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)

@@ -1,8 +1,6 @@
 """The paper's algorithm as the authors run it: pair selection, on-policy rounds, prompt passes, resume."""
 
-import json
 import math
-import os
 import signal
 import subprocess
 import sys

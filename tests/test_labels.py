@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from spo.world.labels import LabelModel, label_accuracy, preference_probability, simulate_labels
+from spo.evaluation import label_accuracy
+from spo.world.labels import LabelModel, preference_probability, simulate_labels
 
 
 @pytest.mark.parametrize("delta", [0.0, 0.02, 0.05, 0.1, -0.08])

@@ -390,7 +390,7 @@ def test_missing_package_says_what_to_pip_install(monkeypatch):
 def test_world_pickscore_matches_the_world_build_code(tiny_world):
     from transformers import AutoTokenizer, CLIPModel
 
-    from spo.world.build import clip_scores
+    from spo.world.common import clip_scores
 
     images = _images()
     scorer = load_scorer(f"world-pickscore={tiny_world / 'pickscore'}", device="cpu")

@@ -128,7 +128,7 @@ def test_plain_variant_has_no_conditioning_and_ignores_t(random_clip_dir, tmp_pa
 
 def test_a_plain_clip_loads_as_a_step_unaware_scorer(random_clip_dir, tmp_path):
     """The "naive" ablation: model.spm may name a plain CLIP/PickScore, which then ignores t."""
-    from spo.preference.spm import load_scorer_model
+    from spo.preference.judges import load_scorer_model
 
     plain = load_scorer_model(random_clip_dir).eval()
     assert plain.conditioning is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ def _writable_dir(path: Path) -> Path:
     """Create `path` (and parents) or fail with a one-line reason before any work is done."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".spo-write-test"
+        probe = path / f".spo-write-test-{os.getpid()}"  # per process: ranks of one run probe the same dir
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
@@ -90,7 +91,15 @@ def world_info(world_dir: Path | None) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/world-sample"), show_default=True)
 def world_sample(world_dir, prompts, num, steps, guidance, seed, out) -> None:
     """Sample from the world's diffusion model, save a captioned grid and print the true utility."""
-    _sample_and_score(world_dir, list(prompts), num, steps, guidance, seed, out)
+    from spo.world import open_world
+    from spo.world.sampling import sample_and_score
+
+    world_dir = open_world(world_dir)
+    out = _writable_dir(out)
+    summary, grid = sample_and_score(world_dir, list(prompts), num, steps, guidance, seed, out)
+    click.echo(f"utility over {summary['n']} images: mean {summary['utility_mean']:.3f} "
+               f"(std {summary['utility_std']:.3f})")
+    click.echo(f"grid: {grid}\nsummary: {out / 'summary.json'}")
 
 
 @cli.command()
@@ -116,20 +125,22 @@ def demo(out: Path, config_path: Path, n_prompts: int, overrides: tuple[str, ...
 @cli.command("train-spm")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
               help="YAML file of SPMTrainConfig fields (see configs/spm_world.yaml).")
+@click.option("--resume", default="", help='Continue a run: a checkpoint dir, or "latest" in log.output_dir.')
+@click.option("--overwrite", is_flag=True, help="Replace a run already in log.output_dir.")
 @click.argument("overrides", nargs=-1)
-def train_spm_command(config_path: Path | None, overrides: tuple[str, ...]) -> None:
-    """Train the step-aware preference model. OVERRIDES are key=value config fields.
+def train_spm_command(config_path: Path | None, resume: str, overwrite: bool, overrides: tuple[str, ...]) -> None:
+    """Train the step-aware preference model. OVERRIDES are dotted key=value config fields.
 
     \b
     Paths may start with "world:" to name an artifact of the packaged world, e.g.
-      spo train-spm --config configs/spm_world.yaml max_steps=200 output_dir=runs/spm
+      spo train-spm --config configs/spm_world.yaml train.max_steps=200 log.output_dir=runs/spm
     """
-    from spo.config import load_config
-    from spo.preference.train_spm import SPMTrainConfig, train_spm
+    from spo.config import SPMTrainConfig, load_config
+    from spo.preference.train_spm import train_spm
 
     cfg = load_config(SPMTrainConfig, config_path, list(overrides))
-    _writable_dir(Path(cfg.output_dir))
-    final = train_spm(cfg, log=lambda m: click.echo(m, err=True))
+    _writable_dir(Path(cfg.log.output_dir))
+    final = train_spm(cfg, log=lambda m: click.echo(m, err=True), resume=resume, overwrite=overwrite)
     click.echo(f"step-aware preference model saved to {final}")
 
 
@@ -149,29 +160,21 @@ def train_spm_command(config_path: Path | None, overrides: tuple[str, ...]) -> N
 def evaluate_spm_command(spm_dirs, base, processor, dataset, split, diffusion_model, timesteps, max_pairs, guidance,
                          seed, out) -> None:
     """Accuracy vs timestep on held-out pairs: the base model used naively, and each SPM."""
+    from spo import plugins
     from spo.models import Diffusion, load_pipeline
     from spo.preference.data import load_preference_dataset
-    from spo.preference.evaluate_spm import evaluate_spm, write_report
-    from spo.preference.spm import StepAwareCLIP
-    from spo.world import resolve
+    from spo.preference.evaluate_spm import build_models, check_timesteps, evaluate_spm, first_pairs, write_report
 
     try:
         ts = [int(t) for t in timesteps.split(",") if t.strip()]
     except ValueError:
         raise SPOError(f"--timesteps must be comma-separated integers, got {timesteps!r}") from None
     out = _writable_dir(out)
-    diffusion = Diffusion(load_pipeline(resolve(diffusion_model)))
-    if any(not 0 <= t < diffusion.scheduler.config.num_train_timesteps for t in ts):
-        raise SPOError(f"--timesteps must lie in [0, {diffusion.scheduler.config.num_train_timesteps})")
-    models = {"base (naive)": StepAwareCLIP.from_base(resolve(base), resolve(processor) or None, time_conditioned=False)}
-    names = [Path(d).name for d in spm_dirs]
-    for d in spm_dirs or [resolve("world:spm")]:
-        label = "SPM" if len(spm_dirs) <= 1 else f"SPM {Path(d).name if names.count(Path(d).name) == 1 else d}"
-        models[label] = StepAwareCLIP.from_pretrained(resolve(str(d)))
-    for m in models.values():
-        m.eval()
-    ds = load_preference_dataset(resolve(dataset), split)
-    result = evaluate_spm(models, diffusion, ds, ts, guidance=guidance, seed=seed, max_pairs=max_pairs)
+    diffusion = Diffusion(load_pipeline(plugins.resolve(diffusion_model)))
+    check_timesteps(ts, diffusion)
+    models = build_models(base, processor, list(spm_dirs) or ["world:spm"])
+    pairs = first_pairs(load_preference_dataset(plugins.resolve(dataset), split), max_pairs)
+    result = evaluate_spm(models, diffusion, pairs, ts, guidance=guidance, seed=seed, **plugins.spm_references(pairs))
     paths = write_report(result, out)
     click.echo(paths["md"].read_text())
     click.echo(f"table: {paths['md']}\nplot: {paths['png']}")
@@ -193,12 +196,15 @@ def train(config_path: Path | None, resume: str, overwrite: bool, method: str | 
       spo train --config configs/world_dpo.yaml          # the Diffusion-DPO baseline on the world's pairs
       spo train --config configs/sd15.yaml --method diffusion-dpo dpo.dataset=yuvalkirstain/pickapic_v2
     """
-    from spo.config import load_config
-    from spo.trainer import SPOConfig, SPOTrainer
+    from spo.config import SPOConfig, load_config
+    from spo.trainer import Trainer
 
     cfg = load_config(SPOConfig, config_path, list(overrides) + ([f"method={method}"] if method else []))
     _writable_dir(Path(cfg.log.output_dir).parent)
-    out = SPOTrainer(cfg, overwrite=overwrite, resume=resume, log=lambda m: click.echo(m, err=True)).setup().train()
+    out = Trainer(cfg, overwrite=overwrite, resume=resume, log=lambda m: click.echo(m, err=True)).setup().train()
+    if out is None:  # stopped by a signal at a safe point, with a checkpoint
+        click.echo(f"stopped; continue with: spo train ... --resume latest (log.output_dir={cfg.log.output_dir})")
+        sys.exit(130)
     click.echo(f"trained weights: {out}\nmetrics: {Path(cfg.log.output_dir) / 'metrics.jsonl'}\n"
                f"curves: {Path(cfg.log.output_dir) / 'curves.png'}")
 
@@ -220,13 +226,8 @@ def train(config_path: Path | None, resume: str, overwrite: bool, method: str | 
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/generate"), show_default=True)
 def generate(pretrained, vae, loras, no_base, prompt_texts, prompt_file, num, steps, guidance, eta, seed, out) -> None:
     """Images for prompts from each model with the same seeds, and a captioned side-by-side grid."""
-    from PIL import Image
-
-    from spo.generation import generate as gen_images
-    from spo.generation import load_model
-    from spo.plots import captioned_grid
+    from spo.generation import generate_to_folder
     from spo.prompts import load_prompts
-    from spo.world.scenes import to_uint8
 
     prompts = list(prompt_texts) + (load_prompts(prompt_file) if prompt_file else [])
     if not prompts:
@@ -236,20 +237,7 @@ def generate(pretrained, vae, loras, no_base, prompt_texts, prompt_file, num, st
     if not models:
         raise SPOError("nothing to generate: --no-base without --lora")
     out = _writable_dir(out)
-    rows, labels = [], []
-    for name, lora in models:
-        pipe = load_model(pretrained, lora, vae=vae or None)
-        images = gen_images(pipe, prompts, seed, steps, guidance, eta, desc=name)
-        (out / name).mkdir(exist_ok=True)
-        for i, img in enumerate(images):
-            Image.fromarray(to_uint8(img)).save(out / name / f"{i:04d}.png")
-        rows.append(images)
-        labels += [f"{name}: {p}" for p in prompts]
-    cols = len(prompts) if len(prompts) <= 8 else 8
-    grid_images = [img for row in rows for img in row[:cols]]
-    grid_labels = [lab for k in range(len(rows)) for lab in labels[k * len(prompts) : k * len(prompts) + cols]]
-    grid = captioned_grid(grid_images, grid_labels, out / "grid.png", cols=cols,
-                          title=f"rows: {', '.join(n for n, _ in models)}; seeds {seed}+i; DDIM {steps}, CFG {guidance:g}")
+    grid = generate_to_folder(pretrained, models, prompts, out, seed, steps, guidance, eta, vae=vae or None)
     click.echo(f"images: {out}/<model>/NNNN.png\ngrid: {grid}")
 
 
@@ -306,37 +294,6 @@ def evaluate(model_specs, scorer_specs, prompt_source, num_prompts, steps, guida
     click.echo((out / "results.md").read_text())
     click.echo(f"results: {out / 'results.json'} (also .csv, .md), per prompt: {out / 'per_prompt.csv'}, "
                f"grid: {out / 'grid.png'}, images: {cache_dir}")
-
-
-def _sample_and_score(world_dir, prompts, num, steps, guidance, seed, out) -> None:
-    import numpy as np
-
-    from spo.plots import captioned_grid
-    from spo.world import load_pipeline, open_world
-    from spo.world import prompts as world_prompts
-    from spo.world.build import sample_images
-    from spo.world.scenes import parse_caption
-    from spo.world.utility import utility_terms
-
-    world_dir = open_world(world_dir)
-    out = _writable_dir(out)
-    bad = [p for p in prompts if parse_caption(p) is None]
-    if bad:
-        raise SPOError(f"prompt outside the world's grammar: {bad[0]!r} (e.g. 'a large red circle on the left', "
-                       "'a blue square above a yellow triangle')")
-    captions = prompts or world_prompts.split_prompts(0)["test"][:num]
-    pipe = load_pipeline(world_dir)
-    images = sample_images(pipe, captions, guidance, steps, 0.0, seed)
-    terms = [utility_terms(img, cap) for img, cap in zip(images, captions)]
-    grid = captioned_grid(images, [f"{t['utility']:.2f} {c}" for t, c in zip(terms, captions)], out / "samples.png",
-                          title=f"DDIM {steps} steps, CFG {guidance:g}, seed {seed}; number = true utility")
-    u = np.array([t["utility"] for t in terms])
-    summary = dict(n=len(u), utility_mean=float(u.mean()), utility_std=float(u.std()), steps=steps,
-                   guidance=guidance, seed=seed, world=str(world_dir),
-                   terms={k: float(np.mean([t[k] for t in terms])) for k in terms[0]})
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    click.echo(f"utility over {len(u)} images: mean {u.mean():.3f} (std {u.std():.3f})")
-    click.echo(f"grid: {grid}\nsummary: {out / 'summary.json'}")
 
 
 def _print_figures(manifest: dict) -> None:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from spo.evaluation import clip_image_features, frechet_distance, paired_difference, write_json
+from spo.evaluation import SPMScorer, clip_image_features, frechet_distance, paired_difference, score_images, write_json
+from spo.files import atomic_write_text
 
 EVAL_SEED, REFERENCE_SEED = 10_000, 20_000
 
@@ -43,19 +44,15 @@ def run_demo(out: Path, config_path: Path, n_prompts: int = 128, overrides: list
     if (out / "train" / "curves.png").exists():
         shutil.copy(out / "train" / "curves.png", out / "training_curves.png")
     write_json(out / "report.json", report)
-    (out / "report.md").write_text(render_markdown(report))
+    atomic_write_text(out / "report.md", render_markdown(report))
     return report
 
 
 def evaluate_base_vs_tuned(world: Path, lora: Path, out: Path, n_prompts: int, cfg) -> dict:
-    import torch
-    from transformers import CLIPModel, CLIPTokenizer
-
     from spo.generation import generate, load_model
     from spo.plots import captioned_grid
-    from spo.preference.spm import StepAwareCLIP
     from spo.prompts import load_prompts
-    from spo.world.build import clip_scores
+    from spo.scorers import load_scorer
     from spo.world.utility import TERMS, utility_terms
 
     prompts = load_prompts("world:test")[:n_prompts]
@@ -65,15 +62,11 @@ def evaluate_base_vs_tuned(world: Path, lora: Path, out: Path, n_prompts: int, c
     base_ref = generate(base_pipe, prompts, REFERENCE_SEED, desc="base, other seeds", **sampler)
     tuned = generate(load_model(str(world / "sd"), lora), prompts, EVAL_SEED, desc="tuned", **sampler)
 
+    # The utility comes with its terms here, so it is read off them rather than scored a second time.
     terms_b = [utility_terms(i, p) for i, p in zip(base, prompts)]
     terms_t = [utility_terms(i, p) for i, p in zip(tuned, prompts)]
-    to_t = lambda imgs: torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2).float() * 2 - 1  # noqa: E731
-    pick = CLIPModel.from_pretrained(world / "pickscore").eval()
-    tok = CLIPTokenizer.from_pretrained(world / "tokenizer")
-    spm = StepAwareCLIP.from_pretrained(world / "spm").eval()
-    with torch.no_grad():
-        spm_b = spm(to_t(base), prompts, torch.zeros(len(prompts))).numpy()
-        spm_t = spm(to_t(tuned), prompts, torch.zeros(len(prompts))).numpy()
+    judges = [load_scorer(f"world-pickscore={world / 'pickscore'}", "cpu"), SPMScorer(world / "spm")]
+    judged_b, judged_t = score_images(base, prompts, judges), score_images(tuned, prompts, judges)
     feats = {k: clip_image_features(world / "clip", v) for k, v in (("base", base), ("ref", base_ref), ("tuned", tuned))}
 
     report = dict(
@@ -83,9 +76,8 @@ def evaluate_base_vs_tuned(world: Path, lora: Path, out: Path, n_prompts: int, c
         utility=paired_difference([t["utility"] for t in terms_t], [t["utility"] for t in terms_b]),
         terms={k: dict(before=float(np.mean([t[k] for t in terms_b])), after=float(np.mean([t[k] for t in terms_t])))
                for k in TERMS if k != "utility"},
-        world_pickscore=paired_difference(clip_scores(pick, tok, prompts, to_t(tuned)),
-                                          clip_scores(pick, tok, prompts, to_t(base))),
-        spm_t0=paired_difference(spm_t, spm_b),
+        world_pickscore=paired_difference(judged_t["world-pickscore"], judged_b["world-pickscore"]),
+        spm_t0=paired_difference(judged_t["spm-t0"], judged_b["spm-t0"]),
         distance=dict(
             pixel_rmse_tuned_vs_base_same_seed=float(np.sqrt(((tuned - base) ** 2).mean(axis=(1, 2, 3))).mean()),
             frechet_clip_tuned_vs_base=frechet_distance(feats["tuned"], feats["base"]),

@@ -1,7 +1,8 @@
 """Comparing models image for image: paired statistics, win rates, distribution distances, reports.
 
 `spo evaluate` lives here too: fixed-seed generation with an on-disk image cache, scoring with the
-scorers of `spo.scorers`, and the report files (`evaluate_models`).
+scorers of `spo.scorers`, and the report files (`evaluate_models`). `score_images` is the one
+scoring path for images in memory (the demo and the world benchmarks use it too).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from spo.errors import SPOError
+from spo.files import atomic_write_bytes, atomic_write_text
 
 
 def paired_difference(after, before, n_boot: int = 2000, seed: int = 0) -> dict:
@@ -34,6 +36,16 @@ def paired_difference(after, before, n_boot: int = 2000, seed: int = 0) -> dict:
                 n=int(len(d)))
 
 
+def label_accuracy(score_0, score_1, label_0) -> float:
+    """Fraction of decided pairs (no ties) on which the higher score matches the label."""
+    score_0, score_1, label_0 = map(np.asarray, (score_0, score_1, label_0))
+    decided = label_0 != 0.5
+    if not decided.any():
+        return float("nan")
+    predicted = (score_0 > score_1).astype(float)
+    return float((predicted[decided] == label_0[decided]).mean())
+
+
 def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (FID's formula, any features)."""
     from scipy import linalg
@@ -46,23 +58,46 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
 
 
 def clip_image_features(clip_dir: str | Path, images: np.ndarray) -> np.ndarray:
-    """Normalised CLIP image embeddings of HxWx3 [0, 1] images (the world's CLIP by default)."""
+    """Normalised CLIP image embeddings of HxWx3 [0, 1] images, fed in [-1, 1] as the world's CLIP expects."""
     import torch
     from transformers import CLIPModel
 
-    from spo.world.build import image_features
+    from spo.clip import image_embeds
+    from spo.images import to_model_pixels
 
     model = CLIPModel.from_pretrained(clip_dir).eval()
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() * 2 - 1
+    x = to_model_pixels(images)
     with torch.no_grad():
-        return torch.cat([image_features(model, x[i : i + 256]) for i in range(0, len(x), 256)]).numpy()
+        return torch.cat([image_embeds(model, x[i : i + 256]) for i in range(0, len(x), 256)]).numpy()
+
+
+class SPMScorer:
+    """A step-aware preference model as a scorer of finished images: its score at t=0, SPO's training judge."""
+
+    name = "spm-t0"
+
+    def __init__(self, spm_dir: str | Path):
+        from spo.preference.spm import StepAwareCLIP
+
+        self.model = StepAwareCLIP.from_pretrained(spm_dir).eval()
+
+    def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
+        import torch
+
+        from spo.images import to_model_pixels
+
+        with torch.no_grad():
+            return self.model(to_model_pixels(images), prompts, torch.zeros(len(prompts))).numpy()
+
+
+def score_images(images: np.ndarray, prompts: list[str], scorers: list) -> dict[str, np.ndarray]:
+    """Every scorer (from `spo.scorers.load_scorer`, or any object with `name` and `score`) on the same
+    images, one float per image, by scorer name."""
+    return {s.name: np.asarray(s.score(images, prompts), float) for s in scorers}
 
 
 def write_json(path: Path, data: dict) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, json.dumps(data, indent=2))
 
 
 # ------------------------------------------------------------------ `spo evaluate`: models x scorers on a prompt set
@@ -94,7 +129,7 @@ class ModelSpec:
     def identity(self) -> dict:
         """What the model's images depend on: the spec, plus a fingerprint of each local directory's files
         so that retraining into the same directory does not reuse old images."""
-        from spo.world import resolve
+        from spo.plugins import resolve
 
         parts = {"pretrained": self.pretrained, "lora": self.lora}
         return dict(spec=self.spec, **{f"{k}_fingerprint": _fingerprint(resolve(v)) for k, v in parts.items() if v})
@@ -192,12 +227,14 @@ def _pipeline_for(model: ModelSpec, device: str | None):
 def _write_png(path: Path, image: np.ndarray, meta: dict) -> None:
     from PIL.PngImagePlugin import PngInfo
 
+    from spo.images import to_uint8
+
     info = PngInfo()
     info.add_text("spo", json.dumps(meta))  # each cached image says where it came from
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    Image.fromarray((np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)).save(tmp, pnginfo=info)
-    tmp.replace(path)
+    png = io.BytesIO()
+    Image.fromarray(to_uint8(image)).save(png, format="PNG", pnginfo=info)
+    atomic_write_bytes(path, png.getvalue())
 
 
 def mean_ci(values, n_boot: int = 2000, seed: int = 0) -> dict:
@@ -209,12 +246,10 @@ def mean_ci(values, n_boot: int = 2000, seed: int = 0) -> dict:
 
 
 def default_scorers(prompts: list[str]) -> list[str]:
-    """World prompts: the world's judges. Otherwise the paper's four automatic metrics."""
-    from spo.world.scenes import parse_caption
+    """A plug-in's judges for prompts it owns (the world's on world prompts), else the paper's four metrics."""
+    from spo import plugins
 
-    if all(parse_caption(p) is not None for p in prompts):
-        return ["world-utility", "world-pickscore"]
-    return ["pickscore", "hpsv2", "imagereward", "aesthetic"]
+    return plugins.default_scorers(prompts) or ["pickscore", "hpsv2", "imagereward", "aesthetic"]
 
 
 def evaluate_models(models: list[ModelSpec], scorer_specs: list[str], prompts: list[str], prompt_source: str,
@@ -255,8 +290,8 @@ def _score_all(scorers: list, paths: list[Path], prompts: list[str], chunk: int 
     parts: dict[str, list[np.ndarray]] = {s.name: [] for s in scorers}
     for start in range(0, len(paths), chunk):
         images = read_images(paths[start : start + chunk])
-        for scorer in scorers:
-            parts[scorer.name].append(np.asarray(scorer.score(images, prompts[start : start + chunk]), float))
+        for name, scores in score_images(images, prompts[start : start + chunk], scorers).items():
+            parts[name].append(scores)
     return {name: np.concatenate(p) for name, p in parts.items()}
 
 
@@ -280,7 +315,7 @@ def write_evaluation(out: Path, report: dict, scores: dict, prompts: list[str], 
     write_json(out / "results.json", report)
     _write_csv(out / "results.csv", _summary_rows(report, spec_of, dict(seed=sampler["seed"], **settings)))
     _write_csv(out / "per_prompt.csv", per_prompt)
-    _write_text(out / "results.md", render_evaluation_markdown(report))
+    atomic_write_text(out / "results.md", render_evaluation_markdown(report))
     _evaluation_grid(out / "grid.png", report, scores, prompts, grid_images)
 
 
@@ -304,13 +339,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    _write_text(path, buffer.getvalue())
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_text(path, buffer.getvalue())
 
 
 def _fmt(x: float, sign: str = "") -> str:

@@ -1,7 +1,8 @@
-"""Writing directories so that a crash never leaves one that looks complete."""
+"""Writing files and directories so that a crash never leaves one that looks complete."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,20 @@ def atomic_directory(final: str | Path):
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` whole or not at all: a temporary name in the same directory, then a rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")  # same directory, so the rename never crosses file systems
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """`atomic_write_bytes` for text (UTF-8)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def keep_newest(directories: list[Path], limit: int) -> None:

@@ -16,7 +16,7 @@ def load_model(pretrained: str, lora: str | Path | None = None, vae: str | Path 
     """An SD or SDXL pipeline from `pretrained` (hub id / dir / world:sd), with a LoRA dir or full-pipeline
     dir applied; `vae` replaces the pipeline's VAE (e.g. madebyollin/sdxl-vae-fp16-fix)."""
     from spo.models import Diffusion, load_pipeline
-    from spo.world import resolve
+    from spo.plugins import resolve
 
     vae = resolve(str(vae)) if vae else None
     if lora and (Path(lora) / "model_index.json").is_file():  # a full fine-tuning output is a pipeline itself
@@ -51,3 +51,37 @@ def generate(pipe, prompts: list[str], seed: int, steps: int = 20, guidance: flo
     if not out:
         raise SPOError("no prompts to generate")
     return np.concatenate(out)
+
+
+def generate_to_folder(pretrained: str, models: list[tuple[str, str | Path | None]], prompts: list[str], out: Path,
+                       seed: int, steps: int, guidance: float, eta: float, vae: str | None = None) -> Path:
+    """`spo generate`: each (name, LoRA or None) model's images as out/<name>/NNNN.png, all from the same
+    seeds, and a captioned grid of the first prompts, one row per model; returns the grid's path."""
+    rows = []
+    for name, lora in models:
+        images = generate(load_model(pretrained, lora, vae=vae), prompts, seed, steps, guidance, eta, desc=name)
+        _write_pngs(images, out / name)
+        rows.append(images)
+    names = [name for name, _ in models]
+    return _side_by_side(rows, names, prompts, out / "grid.png",
+                         title=f"rows: {', '.join(names)}; seeds {seed}+i; DDIM {steps}, CFG {guidance:g}")
+
+
+def _write_pngs(images: np.ndarray, folder: Path) -> None:
+    from PIL import Image
+
+    from spo.images import to_uint8
+
+    folder.mkdir(exist_ok=True)
+    for i, image in enumerate(images):
+        Image.fromarray(to_uint8(image)).save(folder / f"{i:04d}.png")
+
+
+def _side_by_side(rows: list[np.ndarray], names: list[str], prompts: list[str], path: Path, title: str) -> Path:
+    """The first (up to 8) prompts of every model, one row per model."""
+    from spo.plots import captioned_grid
+
+    cols = min(len(prompts), 8)
+    images = [image for row in rows for image in row[:cols]]
+    labels = [f"{name}: {p}" for name in names for p in prompts[:cols]]
+    return captioned_grid(images, labels, path, cols=cols, title=title)

@@ -1,9 +1,25 @@
-"""Image tensors for the scorers: CLIP-style resize and centre crop, on the device, batched."""
+"""Image arrays and tensors: 8-bit conversion, the models' [-1, 1] range, CLIP-style resize and centre crop."""
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Float images in [0, 1] -> uint8, rounded to nearest."""
+    return (np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def to_model_pixels(images: np.ndarray) -> torch.Tensor:
+    """Float NHWC images in [0, 1] -> a float NCHW tensor in [-1, 1], the range of SD's VAE and the world's CLIP."""
+    import torch  # here, not at the top: the world's utility workers import this module and need no torch
+
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() * 2 - 1
 
 
 def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -11,6 +27,8 @@ def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
 
     Done on tensors, not PIL, so a scorer runs inside the sampling loop without leaving the device.
     """
+    import torch.nn.functional as F
+
     h, w = x.shape[-2:]
     if (h, w) == (size, size):
         return x

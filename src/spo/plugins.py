@@ -40,7 +40,7 @@ def register_prompt_sets(prefix: str, load: Callable[[str], list[str]]) -> None:
 
 
 def register_scorer(name: str, factory: Callable[..., Any]) -> None:
-    """`factory(weights: str | None, device: str, **options)` returns an object with `name` and `score(images, prompts)`."""
+    """`factory(weights: str | None, device: str, **options)` returns a scorer (`name`, `score(images, prompts)`)."""
     SCORERS[name] = factory
 
 

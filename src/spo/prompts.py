@@ -1,7 +1,8 @@
 """Prompt sets from files: plain text, JSON, JSONL, CSV, a Hugging Face dataset, or a named set.
 
-Named sets: `spo:4k` (the paper's 4k training prompts), `world:train`, `world:validation`,
-`world:test` (the embedded world's splits; `test` holds compositions never used in training).
+Named sets: `spo:4k` (the paper's 4k training prompts), and those of plug-ins (`spo.plugins`): the
+embedded world's `world:train`, `world:validation`, `world:test` (`test` holds compositions never
+used in training).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
+from spo import plugins
 from spo.errors import SPOError
 
 
@@ -32,13 +34,9 @@ def load_prompts(source: str | Path, column: str = "caption") -> list[str]:
     if name == "spo:4k":
         path = Path(str(resources.files("spo") / "data" / "spo_4k_training_prompts.json"))
         return _from_json_items(json.loads(path.read_text()), name)
-    if name.startswith("world:"):
-        from spo.world.prompts import SPLITS, split_prompts
-
-        split = name.split(":", 1)[1]
-        if split not in SPLITS:
-            raise SPOError(f"unknown world prompt split {split!r}; choose one of {', '.join(SPLITS)}")
-        return split_prompts(0)[split]
+    named = plugins.named_prompts(name)
+    if named is not None:
+        return named
     path = Path(name)
     if not path.exists():
         if "/" in name and not name.startswith((".", "/")) and path.suffix == "":

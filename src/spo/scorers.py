@@ -6,10 +6,10 @@ per image; the result holds one float per image, higher = better. A spec is `NAM
 or `NAME=PATH_OR_HUB_ID` (other weights of the same kind: a directory or hub id for the CLIP-based
 scorers, a checkpoint file for aesthetic, hpsv2 and imagereward).
 
-Scorers (default weights in brackets):
+Plug-ins add scorers of their own (`spo.plugins.register_scorer`); the embedded world adds
+`world-utility`, its ground truth in [0, 1], and `world-pickscore`, its CLIP PickScore
+(`spo/world/scorers.py`). The core's scorers (default weights in brackets):
 
-- `world-utility`: the embedded world's ground truth (`spo/world/utility.py`), in [0, 1].
-- `world-pickscore`: the world's CLIP PickScore, logit_scale * cos(text, image) [world:pickscore].
 - `pickscore`: PickScore_v1, a CLIP ViT-H/14, logit_scale * cos [yuvalkirstain/PickScore_v1, with the
   processor of laion/CLIP-ViT-H-14-laion2B-s32B-b79K].
 - `clipscore`: 100 * max(cos, 0), torchmetrics' definition (Hessel et al. scale by 2.5)
@@ -41,9 +41,10 @@ from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from spo import plugins
+from spo.clip import image_embeds, text_embeds
 from spo.errors import SPOError
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -65,16 +66,23 @@ class Scorer(Protocol):
     def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray: ...
 
 
+def registry() -> dict[str, Callable[..., Scorer]]:
+    """Every scorer factory by name: the plug-ins' first (the order the list had when the world's scorers
+    were built in), then the core's `SCORERS`, which a plug-in cannot replace."""
+    return {**plugins.scorers(), **SCORERS}
+
+
 def available_scorers() -> list[str]:
-    return list(SCORERS)
+    return list(registry())
 
 
 def parse_scorer_spec(spec: str) -> tuple[str, str | None]:
     """`NAME` or `NAME=PATH_OR_HUB_ID` -> (name, weights or None); unknown names fail with the list."""
     name, _, weights = spec.partition("=")
     name = name.strip()
-    if name not in SCORERS:
-        raise SPOError(f"unknown scorer {name!r}; choose from {', '.join(SCORERS)} (as NAME or NAME=PATH_OR_HUB_ID)")
+    names = available_scorers()
+    if name not in names:
+        raise SPOError(f"unknown scorer {name!r}; choose from {', '.join(names)} (as NAME or NAME=PATH_OR_HUB_ID)")
     return name, weights.strip() or None
 
 
@@ -82,7 +90,7 @@ def load_scorer(spec: str, device: str | None = None, **options) -> Scorer:
     """A scorer from its spec; `options` go to its factory (e.g. `clip=` for aesthetic, `base=` for hpsv2)."""
     name, weights = parse_scorer_spec(spec)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return SCORERS[name](weights, device, **options)
+    return registry()[name](weights, device, **options)
 
 
 # ------------------------------------------------------------------ shared pieces
@@ -206,35 +214,6 @@ def _load_strict(module: nn.Module, state: dict, what: str, path: str) -> None:
         raise SPOError(f"{path} is not a {what} checkpoint: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
-# ------------------------------------------------------------------ the embedded world's judges
-
-
-class WorldUtility:
-    """The embedded world's ground-truth utility (`spo.world.utility`), its "humans" in expectation."""
-
-    name = "world-utility"
-
-    def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
-        from spo.world.build import utilities
-        from spo.world.scenes import IMAGE_SIZE, parse_caption
-
-        images = np.asarray(images, dtype=np.float32)
-        if images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
-            raise SPOError(f"world-utility judges the embedded world's {IMAGE_SIZE}x{IMAGE_SIZE} images, "
-                           f"got shape {images.shape}; use another --scorer for other models")
-        bad = [p for p in prompts if parse_caption(p) is None]
-        if bad:
-            raise SPOError(f"world-utility needs prompts in the world's grammar, got {bad[0]!r}; "
-                           "use --prompts world:test or another --scorer")
-        return np.asarray(utilities(images, list(prompts)), dtype=np.float64)
-
-
-def world_utility(weights: str | None, device: str) -> WorldUtility:
-    if weights:
-        raise SPOError("world-utility has no weights: use --scorer world-utility")
-    return WorldUtility()
-
-
 # ------------------------------------------------------------------ CLIP-family scorers
 
 
@@ -260,16 +239,12 @@ class ClipScorer(BatchedScorer):
         self.max_length = min(tokenizer.model_max_length, model.config.text_config.max_position_embeddings)
 
     def embed_images(self, images: np.ndarray) -> torch.Tensor:
-        pixels = clip_pixels(images, self.image_size, self.mean, self.std, self.device)
-        # Taken explicitly: transformers 5's get_image_features returns an output object.
-        pooled = self.model.vision_model(pixel_values=pixels).pooler_output
-        return F.normalize(self.model.visual_projection(pooled), dim=-1)
+        return image_embeds(self.model, clip_pixels(images, self.image_size, self.mean, self.std, self.device))
 
     def embed_texts(self, prompts: list[str]) -> torch.Tensor:
         tokens = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
                                 return_tensors="pt").to(self.device)
-        pooled = self.model.text_model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).pooler_output
-        return F.normalize(self.model.text_projection(pooled), dim=-1)
+        return text_embeds(self.model, tokens.input_ids, tokens.attention_mask)
 
     def _score_batch(self, images: np.ndarray, prompts: list[str]) -> torch.Tensor:
         cos = (self.embed_images(images) * self.embed_texts(prompts)).sum(-1)
@@ -290,7 +265,9 @@ def _image_config(source: str, what: str, hint: str) -> tuple[int, tuple, tuple]
     return int(size), tuple(config.get("image_mean", OPENAI_MEAN)), tuple(config.get("image_std", OPENAI_STD))
 
 
-def _clip_scorer(name: str, model, processor: str, transform: Callable, device: str, hint: str) -> ClipScorer:
+def clip_scorer(name: str, model, processor: str, transform: Callable, device: str, hint: str) -> ClipScorer:
+    """A `ClipScorer` from a CLIPModel (or its directory / hub id) and the processor source of its tokenizer and
+    image settings; `hint` ends every loading error."""
     from transformers import AutoTokenizer, CLIPModel
 
     if isinstance(model, str):
@@ -306,26 +283,18 @@ def _has_tokenizer(source: str) -> bool:
     return path.is_dir() and any((path / name).is_file() for name in names)
 
 
-def world_pickscore(weights: str | None, device: str, processor: str | None = None) -> ClipScorer:
-    from spo.world import resolve
-
-    source = resolve(weights or "world:pickscore")
-    hint = "rebuild the world with `spo world build`, or pass --scorer world-pickscore=/path/to/pickscore"
-    return _clip_scorer("world-pickscore", source, resolve(processor or source), pickscore_logits, device, hint)
-
-
 def pickscore(weights: str | None, device: str, processor: str | None = None) -> ClipScorer:
     source = weights or PICKSCORE
     processor = processor or (source if _has_tokenizer(source) else CLIP_H14)
     hint = (f"download the model (`hf download {PICKSCORE}`) and its processor (`hf download {CLIP_H14} "
             f"--include '*.json' '*.txt'`), or pass --scorer pickscore=/path/to/PickScore_v1")
-    return _clip_scorer("pickscore", source, processor, pickscore_logits, device, hint)
+    return clip_scorer("pickscore", source, processor, pickscore_logits, device, hint)
 
 
 def clipscore(weights: str | None, device: str, processor: str | None = None) -> ClipScorer:
     source = weights or CLIP_L14
     hint = f"download it (`hf download {CLIP_L14}`) or pass --scorer clipscore=/path/to/clip"
-    return _clip_scorer("clipscore", source, processor or source, clipscore_value, device, hint)
+    return clip_scorer("clipscore", source, processor or source, clipscore_value, device, hint)
 
 
 # ------------------------------------------------------------------ aesthetic predictor
@@ -350,7 +319,7 @@ def aesthetic(weights: str | None, device: str, clip: str = CLIP_L14) -> Aesthet
     except KeyError as exc:
         raise SPOError(f"{path} is not an aesthetic-predictor MLP ({exc.args[0]})") from None
     hint = f"download it (`hf download {clip}`) or pass clip=... to the aesthetic scorer"
-    encoder = _clip_scorer("aesthetic", clip, clip, cosine, device, hint)
+    encoder = clip_scorer("aesthetic", clip, clip, cosine, device, hint)
     if head[0].in_features != encoder.model.config.projection_dim:
         raise SPOError(f"the aesthetic MLP {path} takes {head[0].in_features}-d embeddings but the CLIP {clip} "
                        f"gives {encoder.model.config.projection_dim}-d ones")
@@ -408,7 +377,7 @@ def hpsv2(weights: str | None, device: str, base: str = CLIP_H14) -> ClipScorer:
     hint = f"download its config and tokenizer (`hf download {base} --include '*.json' '*.txt'`) or pass base=..."
     model = CLIPModel(_pretrained(CLIPConfig, base, "HPS v2 architecture (CLIP config)", hint))
     _load_strict(model, open_clip_to_transformers(_load_state_dict(path, "hpsv2")), f"open_clip {base}", path)
-    return _clip_scorer("hpsv2", model, base, cosine, device, hint)
+    return clip_scorer("hpsv2", model, base, cosine, device, hint)
 
 
 # ------------------------------------------------------------------ ImageReward (BLIP checkpoint)
@@ -513,9 +482,7 @@ def imagereward(weights: str | None, device: str, tokenizer: str = BERT) -> Imag
                              _pretrained(AutoTokenizer, tokenizer, "ImageReward tokenizer", hint), device)
 
 
-SCORERS: dict[str, Callable[..., Scorer]] = {
-    "world-utility": world_utility,
-    "world-pickscore": world_pickscore,
+SCORERS: dict[str, Callable[..., Scorer]] = {  # the core's; see `registry` for every scorer
     "pickscore": pickscore,
     "clipscore": clipscore,
     "aesthetic": aesthetic,

@@ -140,7 +140,7 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict | None:
         """Train on the batches the method yields for `epoch` from `self.position` on; epoch-mean metrics,
         or None when a stop was requested (a checkpoint was written at a safe point)."""
-        from spo.methods import SafePoint
+        from spo.methods.base import SafePoint
 
         metrics = self.partial_metrics
         for batch in self.method.batches(self, epoch, self.position):

@@ -13,16 +13,10 @@ A method is a class built as `cls(cfg)` (the whole `SPOConfig`) with:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from spo.errors import SPOError
+from spo.methods.base import SafePoint
 
-
-@dataclass
-class SafePoint:
-    """Yielded by `Method.batches` between batches: the epoch can be checkpointed and restarted here."""
-
-    position: int  # what `batches(trainer, epoch, start=position)` needs to continue from this point
+__all__ = ["METHODS", "SafePoint", "get_method", "register_method"]
 
 METHODS: dict[str, type] = {}
 

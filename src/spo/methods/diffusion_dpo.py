@@ -72,7 +72,7 @@ class DiffusionDPO:
 
     def batches(self, trainer, epoch: int, start: int = 0):
         """`dpo.pairs_per_epoch` offline pairs, the same order on every process, each taking its share."""
-        from spo.methods import SafePoint
+        from spo.methods.base import SafePoint
         from spo.preference.data import PairCollator
         from spo.runtime import stream
 

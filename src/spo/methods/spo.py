@@ -158,7 +158,7 @@ class SPO:
 
     def batches(self, trainer, epoch: int, start: int = 0):
         """Rounds `start`.. of the epoch: sample, pool and share the pairs, yield minibatches, then a SafePoint."""
-        from spo.methods import SafePoint
+        from spo.methods.base import SafePoint
 
         acc = trainer.acc
         if start == 0:

@@ -19,7 +19,7 @@ to 0), so the converter subtracts 1 from the gate biases (chunks 2 and 5 of 6).
 Their released files carry no config, tokenizer or image processor; they load on top of
 yuvalkirstain/PickScore_v1 (the architecture) with laion/CLIP-ViT-H-14-laion2B-s32B-b79K's
 processor, and score as `get_preference_score` does, which `SPMConfig.preprocessing="authors"`
-reproduces. See `spo.preference.spm.load_scorer_model` for the ways to name them.
+reproduces. See `spo.preference.judges.load_scorer_model` for the ways to name them.
 """
 
 from __future__ import annotations

@@ -2,45 +2,79 @@
 
 For each t, both images of every held-out pair get the same noise, one CFG denoising step and a
 decode (shared by all models); each model scores the two x0-predictions; accuracy is the fraction
-of decided (non-tie) pairs it orders like the label. On the embedded world two references are added:
-the ground-truth utility of the clean images on the same noisy labels (the label-noise ceiling),
-and the utility applied to the x0-predictions themselves.
+of decided (non-tie) pairs it orders like the label. A caller (or a plug-in, through
+`spo.plugins.spm_references`) can add reference judges scored on the same x0-predictions, and a
+label-noise ceiling; the embedded world adds the ground-truth utility as both.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from spo.errors import SPOError
+from spo.evaluation import label_accuracy
+from spo.files import atomic_write_text
+
 DEFAULT_TIMESTEPS = (0, 250, 500, 750, 950)
+
+# judge(x0-predictions as NCHW in [-1, 1], captions) -> one score per image, higher = preferred
+Judge = Callable[[torch.Tensor, list[str]], list[float]]
+
+
+def build_models(base: str, processor: str, spm_dirs: list[str]) -> dict:
+    """The models `spo evaluate-spm` compares, in eval mode: the base CLIP/PickScore used naively (no
+    timestep), then each step-aware model; paths may be plug-in names ("world:spm")."""
+    from spo.plugins import resolve
+    from spo.preference.spm import StepAwareCLIP
+
+    models = {"base (naive)": StepAwareCLIP.from_base(resolve(base), resolve(processor) or None, time_conditioned=False)}
+    names = [Path(d).name for d in spm_dirs]
+    for d in spm_dirs:
+        label = "SPM" if len(spm_dirs) <= 1 else f"SPM {Path(d).name if names.count(Path(d).name) == 1 else d}"
+        models[label] = StepAwareCLIP.from_pretrained(resolve(str(d)))
+    for m in models.values():
+        m.eval()
+    return models
+
+
+def check_timesteps(timesteps, diffusion) -> None:
+    n = diffusion.scheduler.config.num_train_timesteps
+    if any(not 0 <= t < n for t in timesteps):
+        raise SPOError(f"--timesteps must lie in [0, {n})")
+
+
+def first_pairs(dataset, max_pairs: int | None):
+    """The pairs evaluated: the first `max_pairs` (all when None)."""
+    return dataset.select(range(min(len(dataset), max_pairs))) if max_pairs else dataset
 
 
 @torch.no_grad()
 def evaluate_spm(models: dict, diffusion, dataset, timesteps=DEFAULT_TIMESTEPS, batch_size: int = 32,
-                 guidance: float = 5.0, seed: int = 0, max_pairs: int | None = None) -> dict:
+                 guidance: float = 5.0, seed: int = 0, max_pairs: int | None = None,
+                 reference_judges: dict[str, Judge] | None = None, ceiling: float | None = None) -> dict:
+    """Accuracy per timestep of every model and reference judge. `ceiling` is the accuracy of the truth behind
+    the labels on the same pairs (see `first_pairs`), reported beside them as "ceiling_true_utility"."""
     from spo.preference.data import PairCollator
     from spo.preference.train_spm import noisy_x0_images
-    from spo.world.labels import label_accuracy
 
-    rows = dataset.select(range(min(len(dataset), max_pairs))) if max_pairs else dataset
+    rows = first_pairs(dataset, max_pairs)
+    reference_judges = reference_judges or {}
     collate = PairCollator(diffusion.resolution)
     batches = [b for b in (collate([rows[j] for j in range(i, min(i + batch_size, len(rows)))])
                            for i in range(0, len(rows), batch_size)) if b is not None]
     labels = torch.cat([b["labels"][:, 0] for b in batches]).numpy()
-    has_truth = "utility_0" in rows.column_names
-    in_world = has_truth and _all_in_world_grammar(rows["caption"])
     result = {"timesteps": list(timesteps), "n_pairs": int(len(labels)), "ties": float((labels == 0.5).mean()),
-              "accuracy": {name: [] for name in models}}
-    if has_truth:
-        result["ceiling_true_utility"] = label_accuracy(rows["utility_0"], rows["utility_1"], rows["label_0"])
-    if in_world:
-        result["accuracy"]["utility on x0-prediction"] = []
+              "accuracy": {name: [] for name in [*models, *reference_judges]}}
+    if ceiling is not None:
+        result["ceiling_true_utility"] = ceiling
     for t_value in timesteps:
         gen = torch.Generator().manual_seed(seed + int(t_value))
         scores = {name: ([], []) for name in result["accuracy"]}
-        world_images, world_captions = [], []  # x0-predictions to judge with the true utility
+        x0_pairs, captions = [], []  # x0-predictions kept for the reference judges
         for b in batches:
             t = torch.full((len(b["captions"]),), int(t_value), dtype=torch.long)
             x0_0, x0_1 = noisy_x0_images(diffusion, b["img0"], b["img1"], b["captions"], t, guidance, gen)
@@ -48,31 +82,22 @@ def evaluate_spm(models: dict, diffusion, dataset, timesteps=DEFAULT_TIMESTEPS, 
                 dev = next(model.parameters()).device
                 scores[name][0].append(model(x0_0.to(dev), b["captions"], t.to(dev)).float().cpu())
                 scores[name][1].append(model(x0_1.to(dev), b["captions"], t.to(dev)).float().cpu())
-            if in_world:
-                world_images.append((x0_0, x0_1))
-                world_captions += b["captions"]
-        if world_captions:  # one parallel pass over all pairs
-            u0 = _utilities(torch.cat([a for a, _ in world_images]), world_captions)
-            u1 = _utilities(torch.cat([b for _, b in world_images]), world_captions)
-            scores["utility on x0-prediction"] = ([torch.tensor(u0)], [torch.tensor(u1)])
+            if reference_judges:
+                x0_pairs.append((x0_0, x0_1))
+                captions += b["captions"]
+        for name, judge in reference_judges.items():  # one pass over all pairs (a judge may run in parallel)
+            scores[name] = _judge_pairs(judge, x0_pairs, captions)
         for name, (s0, s1) in scores.items():
             result["accuracy"][name].append(label_accuracy(torch.cat(s0).numpy(), torch.cat(s1).numpy(), labels))
     return result
 
 
-def _all_in_world_grammar(captions) -> bool:
-    from spo.world.scenes import parse_caption
-
-    return all(parse_caption(c) is not None for c in captions)
-
-
-def _utilities(images: torch.Tensor, captions: list[str]) -> list[float]:
-    from spo.world.build import utilities
-
-    arr = ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
-    if arr.shape[1] != 32:
-        return [float("nan")] * len(captions)
-    return utilities(arr, captions).tolist()
+def _judge_pairs(judge: Judge, x0_pairs: list, captions: list[str]) -> tuple[list, list]:
+    if not captions:
+        return [], []
+    s0 = judge(torch.cat([a for a, _ in x0_pairs]), captions)
+    s1 = judge(torch.cat([b for _, b in x0_pairs]), captions)
+    return [torch.tensor(s0)], [torch.tensor(s1)]
 
 
 def write_report(result: dict, out: Path, title: str = "Preference accuracy vs timestep") -> dict[str, Path]:
@@ -83,7 +108,7 @@ def write_report(result: dict, out: Path, title: str = "Preference accuracy vs t
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "accuracy.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(out / "accuracy.json", json.dumps(result, indent=2))
     ts = result["timesteps"]
     lines = ["| model | " + " | ".join(f"t={t}" for t in ts) + " |", "|---|" + "---|" * len(ts)]
     for name, accs in result["accuracy"].items():
@@ -92,7 +117,7 @@ def write_report(result: dict, out: Path, title: str = "Preference accuracy vs t
         c = result["ceiling_true_utility"]
         lines.append("| label-noise ceiling (true utility, clean images) | " + " | ".join(f"{c:.3f}" for _ in ts) + " |")
     note = f"\n{result['n_pairs']} held-out pairs ({result['ties']:.0%} ties, excluded from accuracy).\n"
-    (out / "accuracy.md").write_text(f"# {title}\n\n" + "\n".join(lines) + "\n" + note)
+    atomic_write_text(out / "accuracy.md", f"# {title}\n\n" + "\n".join(lines) + "\n" + note)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, accs in result["accuracy"].items():

@@ -11,7 +11,7 @@ built from and how). `StepAwareCLIP.from_pretrained(dir)` reads it back.
 
 The checkpoints released with the paper (RockeyCoss/SPO) have the same architecture up to naming and
 the offset of the residual gates; `spo.preference.authors_checkpoint` maps them onto this class and
-`load_scorer_model` accepts them (see its docstring).
+`spo.preference.judges.load_scorer_model` accepts them (see its docstring).
 """
 
 from __future__ import annotations
@@ -245,55 +245,3 @@ def _load_tokenizer(path):
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise SPOError(f"could not load a tokenizer from {path}: {str(exc).splitlines()[0][:200]}") from None
-
-
-def load_scorer_model(path: str | Path, base: str | Path | None = None,
-                      processor: str | Path | None = None) -> StepAwareCLIP:
-    """A saved SPM, the authors' released SPM, or a plain CLIP/PickScore used as a step-unaware scorer.
-
-    `path` is one of:
-
-    * a directory with `spm_config.json`: an SPM saved by this package (`spo train-spm`);
-    * a checkpoint released with the paper (RockeyCoss/SPO), in one of three spellings:
-      - `"authors:/path/to/sd-v1-5_step-aware_preference_model.bin"` (the prefix is optional when
-        the path is a file);
-      - a directory without `config.json` that holds the checkpoint file (named
-        `sd-v1-5_step-aware_preference_model.bin`, `sdxl_step-aware_preference_model.bin` or
-        `final_ckpt.bin`, or the only `*.bin`/`*.pt`/`*.pth`/`*.safetensors` file there) and,
-        optionally, `base/` (a copy of or link to yuvalkirstain/PickScore_v1) and `processor/`
-        (laion/CLIP-ViT-H-14-laion2B-s32B-b79K, for the tokenizer and image processor);
-    * any other CLIP/PickScore checkpoint (hub id or directory): the paper's "naive" ablation, the
-      base preference model judging noisy x0-predictions as if they were clean (no conditioning).
-
-    Authors' layout: one torch pickle (`torch.save`, fp32, written by DeepSpeed's zero_to_fp32) of
-    the whole wrapped model's state dict: every CLIP weight (the SPM fine-tunes the whole PickScore,
-    text tower included) under `model.` plus `model.t_embedder.mlp.{0,2}.*` (timestep MLP),
-    `model.vision_model.encoder.layers.<i>.adaLN_modulation.1.*` (per-block shift/scale/gate) and
-    `model.vision_model.adaLN_modulation.1.*` (pooled shift/scale). It holds no config, tokenizer or
-    processor: those come from `base` (default: `base/` next to the checkpoint, else the hub's
-    yuvalkirstain/PickScore_v1; only its config.json is read) and `processor` (default: `processor/`
-    next to the checkpoint, else a local `base` that has a preprocessor_config.json, else
-    laion/CLIP-ViT-H-14-laion2B-s32B-b79K), the repositories the authors build it from. `base` and
-    `processor` may be "PREFIX:NAME" plug-in paths. Examples:
-
-        load_scorer_model("authors:model_ckpts/sd-v1-5_step-aware_preference_model.bin")  # hub base
-        load_scorer_model("model_ckpts/sdxl_step-aware_preference_model.bin", base="/models/PickScore_v1",
-                          processor="/models/CLIP-ViT-H-14")
-        load_scorer_model("/models/spm_sd15")  # holds the .bin and base/ (and processor/)
-
-    The result (preprocessing="authors") gives the authors' `get_preference_score` to float
-    rounding: feed the raw scheduler timestep t in [0, 1000) (0 for the final, clean image), as
-    their sampler does. `.save_pretrained(dir)` converts it to this package's format for good.
-    Wrong or missing files raise SPOError with a one-line reason and fix.
-    """
-    from spo.preference import authors_checkpoint as authors
-
-    located = authors.locate(path, base=base, processor=processor)
-    if located is not None:
-        return authors.load_authors_spm(*located)
-    if base is not None or processor is not None:
-        raise SPOError(f"{path} is not an authors' SPM checkpoint, so base/processor do not apply; "
-                       "pass the checkpoint file (e.g. authors:/path/to/sd-v1-5_step-aware_preference_model.bin)")
-    if (Path(path) / SPM_CONFIG).is_file():
-        return StepAwareCLIP.from_pretrained(path)
-    return StepAwareCLIP.from_base(path, time_conditioned=False)

@@ -20,7 +20,6 @@ import math
 import os
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from spo.files import atomic_directory
+from spo.clip import image_embeds, text_embeds
+from spo.files import atomic_directory, atomic_write_text
 from spo.world import architecture, prompts, scenes
+from spo.world.common import to_model_range, tokenize
 from spo.world.labels import LabelModel
-from spo.world.utility import utility
 
 WORLD_FORMAT = 1
 
@@ -99,25 +99,6 @@ def pretraining_data(n: int, seed: int) -> tuple[np.ndarray, list[str]]:
     return images, captions
 
 
-def to_model_range(images_uint8: np.ndarray) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW in [-1, 1], the range of Stable Diffusion's VAE and our CLIP's processor."""
-    return torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def text_features(clip, input_ids: torch.Tensor) -> torch.Tensor:
-    """Projected, normalised text embeddings (taken explicitly: transformers 5 returns output objects)."""
-    return F.normalize(clip.text_projection(clip.text_model(input_ids=input_ids).pooler_output), dim=-1)
-
-
-def image_features(clip, pixel_values: torch.Tensor) -> torch.Tensor:
-    return F.normalize(clip.visual_projection(clip.vision_model(pixel_values=pixel_values).pooler_output), dim=-1)
-
-
-def _tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
-
-
 def _cosine_lr(step: int, total: int, warmup: int = 50) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -129,7 +110,7 @@ def _cosine_lr(step: int, total: int, warmup: int = 50) -> float:
 
 def train_clip(images, captions, tokenizer, cfg: BuildConfig, gen: torch.Generator):
     clip = architecture.clip_model(tokenizer, tiny=cfg.tiny)
-    pixels, ids = to_model_range(images), _tokenize(tokenizer, captions)
+    pixels, ids = to_model_range(images), tokenize(tokenizer, captions)
     caption_index = torch.tensor([hash(c) for c in captions])
     opt = torch.optim.AdamW(clip.parameters(), lr=cfg.clip_lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, cfg.clip_steps))
@@ -138,7 +119,7 @@ def train_clip(images, captions, tokenizer, cfg: BuildConfig, gen: torch.Generat
         idx = torch.randint(len(pixels), (cfg.clip_batch,), generator=gen)
         # Identical captions in a batch are not negatives of each other.
         same = (caption_index[idx][:, None] == caption_index[idx][None, :]).float()
-        logits = clip.logit_scale.exp() * text_features(clip, ids[idx]) @ image_features(clip, pixels[idx]).T
+        logits = clip.logit_scale.exp() * text_embeds(clip, ids[idx]) @ image_embeds(clip, pixels[idx]).T
         target = same / same.sum(1, keepdim=True)
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
         opt.zero_grad()
@@ -189,7 +170,7 @@ def train_unet(images, captions, vae, text_encoder, tokenizer, cfg: BuildConfig,
     latents = _encode_all(vae, images, gen)
     vocab = sorted(set(captions)) + [""]
     with torch.no_grad():
-        table = torch.cat([text_encoder(_tokenize(tokenizer, vocab[i : i + 256]))[0] for i in range(0, len(vocab), 256)])
+        table = torch.cat([text_encoder(tokenize(tokenizer, vocab[i : i + 256]))[0] for i in range(0, len(vocab), 256)])
     index = {c: i for i, c in enumerate(vocab)}
     caption_ids = torch.tensor([index[c] for c in captions])
     empty = index[""]
@@ -229,49 +210,21 @@ def sd_pipeline(unet, vae, text_encoder, tokenizer):
     )
 
 
-def sample_images(pipe, captions: list[str], guidance: float, steps: int, eta: float, seed: int,
-                  batch: int = 64, desc: str = "sample") -> np.ndarray:
-    """Images for the world's captions (see `spo.generation.generate`)."""
-    from spo.generation import generate
-
-    if not captions:
-        return np.zeros((0, scenes.IMAGE_SIZE, scenes.IMAGE_SIZE, 3), np.float32)
-    return generate(pipe, captions, seed, steps, guidance, eta, batch=batch, desc=desc)
-
-
-def _utility_chunk(args):
-    images, captions = args
-    return [utility(img, cap) for img, cap in zip(images, captions)]
-
-
-def utilities(images: np.ndarray, captions: list[str], workers: int | None = None) -> np.ndarray:
-    """Ground-truth utility of many images, in parallel over processes."""
-    workers = workers or min(4, os.cpu_count() or 1)
-    if workers <= 1 or len(images) < 64:
-        return np.asarray(_utility_chunk((images, captions)))
-    chunks = [(images[i : i + 64], captions[i : i + 64]) for i in range(0, len(images), 64)]
-    import multiprocessing as mp
-
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        results = list(tqdm(pool.map(_utility_chunk, chunks), total=len(chunks), desc="utility", leave=False))
-    return np.asarray([u for r in results for u in r])
-
-
 def train_pickscore(clip, tokenizer, train_rows, cfg: BuildConfig, gen: torch.Generator):
     """Fine-tune with the PickScore loss: softmax over the pair's two scores vs the label distribution."""
     from spo.world.preference_data import decode_pair_tensors
 
     img0, img1 = decode_pair_tensors(train_rows)
-    ids = _tokenize(tokenizer, list(train_rows["caption"]))
+    ids = tokenize(tokenizer, list(train_rows["caption"]))
     target = torch.tensor(np.stack([train_rows["label_0"], train_rows["label_1"]], 1), dtype=torch.float32)
     clip.train()
     opt = torch.optim.AdamW(clip.parameters(), lr=cfg.pickscore_lr, weight_decay=0.01)
     bar = tqdm(range(cfg.pickscore_steps), desc="pickscore", leave=False)
     for _ in bar:
         idx = torch.randint(len(ids), (cfg.pickscore_batch,), generator=gen)
-        t = text_features(clip, ids[idx])
-        s0 = (t * image_features(clip, img0[idx])).sum(-1)
-        s1 = (t * image_features(clip, img1[idx])).sum(-1)
+        t = text_embeds(clip, ids[idx])
+        s0 = (t * image_embeds(clip, img0[idx])).sum(-1)
+        s1 = (t * image_embeds(clip, img1[idx])).sum(-1)
         logits = clip.logit_scale.exp() * torch.stack([s0, s1], 1)
         loss = F.cross_entropy(logits, target[idx])
         opt.zero_grad()
@@ -279,17 +232,6 @@ def train_pickscore(clip, tokenizer, train_rows, cfg: BuildConfig, gen: torch.Ge
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     return clip.eval()
-
-
-@torch.no_grad()
-def clip_scores(clip, tokenizer, captions: list[str], pixels: torch.Tensor, batch: int = 256) -> np.ndarray:
-    """PickScore-style scores: logit_scale * cos(text, image), images in [-1, 1]."""
-    out = []
-    for i in range(0, len(captions), batch):
-        t = text_features(clip, _tokenize(tokenizer, captions[i : i + batch]))
-        v = image_features(clip, pixels[i : i + batch])
-        out.append((clip.logit_scale.exp() * (t * v).sum(-1)).numpy())
-    return np.concatenate(out) if out else np.zeros(0)
 
 
 # ------------------------------------------------------------------ the whole build
@@ -418,6 +360,4 @@ def _read_json(path: Path) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=2))

@@ -27,12 +27,3 @@ def simulate_labels(u_a, u_b, model: LabelModel, rng: np.random.Generator) -> tu
     label_0 = np.where(tie, 0.5, a_wins.astype(float))
     return label_0, 1.0 - label_0
 
-
-def label_accuracy(score_0, score_1, label_0) -> float:
-    """Fraction of decided pairs (no ties) on which the higher score matches the label."""
-    score_0, score_1, label_0 = map(np.asarray, (score_0, score_1, label_0))
-    decided = label_0 != 0.5
-    if not decided.any():
-        return float("nan")
-    predicted = (score_0 > score_1).astype(float)
-    return float((predicted[decided] == label_0[decided]).mean())

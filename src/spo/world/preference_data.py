@@ -17,7 +17,10 @@ import torch
 from PIL import Image
 
 from spo.world import scenes
+from spo.world.common import to_model_range
 from spo.world.labels import simulate_labels
+from spo.world.sampling import sample_images
+from spo.world.utility import utilities
 
 COLUMNS = ("ranking_id", "user_id", "caption", "jpg_0", "jpg_1", "label_0", "label_1", "image_0_uid",
            "image_1_uid", "model_0", "model_1", "best_image_uid", "has_label", "are_different",
@@ -36,8 +39,6 @@ def decode_image(data: bytes) -> np.ndarray:
 
 def generate_pairs(pipe, prompt_pool: list[str], n_pairs: int, cfg, seed: int) -> dict[str, list]:
     """Sample two images per prompt (independent seeds and guidance scales) and label them."""
-    from spo.world.build import sample_images, utilities
-
     rng = np.random.default_rng(seed)
     captions = [prompt_pool[i] for i in rng.integers(len(prompt_pool), size=n_pairs)]
     guidance = rng.choice(cfg.guidance_scales, size=(n_pairs, 2))
@@ -96,8 +97,6 @@ def load_split(directory: Path, split: str):
 
 def decode_pair_tensors(rows) -> tuple[torch.Tensor, torch.Tensor]:
     """Both images of every row as float NCHW tensors in [-1, 1]."""
-    from spo.world.build import to_model_range
-
     img0 = np.stack([decode_image(b) for b in rows["jpg_0"]])
     img1 = np.stack([decode_image(b) for b in rows["jpg_1"]])
     return to_model_range(img0), to_model_range(img1)

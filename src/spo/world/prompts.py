@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from spo.files import atomic_write_text
 from spo.world import scenes
 
 # (colour, shape) pairs reserved for the test split: any caption that names one is held out.
@@ -36,4 +37,4 @@ def split_prompts(seed: int = 0, validation_fraction: float = 0.1) -> dict[str, 
 def write_prompt_files(splits: dict[str, list[str]], directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for name, captions in splits.items():
-        (directory / f"{name}.txt").write_text("\n".join(captions) + "\n")
+        atomic_write_text(directory / f"{name}.txt", "\n".join(captions) + "\n")

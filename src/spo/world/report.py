@@ -7,9 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
+from spo.evaluation import label_accuracy
+from spo.files import atomic_write_text
 from spo.plots import captioned_grid
 from spo.world import prompts, scenes
-from spo.world.labels import label_accuracy
+from spo.world.common import clip_scores
+from spo.world.preference_data import decode_pair_tensors, load_split
+from spo.world.sampling import sample_images
 from spo.world.utility import TERMS, utility_terms
 
 EVAL_STEPS, EVAL_GUIDANCE, EVAL_ETA = 20, 5.0, 0.0  # the paper's evaluation sampler (DDIM 20, CFG 5)
@@ -25,8 +29,6 @@ def mean_ci(values) -> dict[str, float]:
 
 def base_model_figures(world: Path, n_prompts: int, seed: int) -> dict:
     from diffusers import StableDiffusionPipeline
-
-    from spo.world.build import sample_images
 
     pipe = StableDiffusionPipeline.from_pretrained(world / "sd")
     pipe.set_progress_bar_config(disable=True)
@@ -49,9 +51,6 @@ def base_model_figures(world: Path, n_prompts: int, seed: int) -> dict:
 def pickscore_figures(world: Path) -> dict:
     from transformers import CLIPModel, CLIPTokenizer
 
-    from spo.world.build import clip_scores
-    from spo.world.preference_data import decode_pair_tensors, load_split
-
     tokenizer = CLIPTokenizer.from_pretrained(world / "tokenizer")
     rows = load_split(world / "preference", "test")
     img0, img1 = decode_pair_tensors(rows)
@@ -73,5 +72,5 @@ def world_report(world: Path, cfg) -> dict:
                    pickscore=pickscore_figures(world))
     figures["sizes_mb"] = {p.name: round(sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) / 2**20, 2)
                            for p in sorted(world.iterdir()) if p.is_dir()}
-    (world / "report" / "figures.json").write_text(json.dumps(figures, indent=2))
+    atomic_write_text(world / "report" / "figures.json", json.dumps(figures, indent=2))
     return figures

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from spo.images import to_uint8  # noqa: F401  (the world's renders convert like every other image)
+
 IMAGE_SIZE = 32
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLORS = {
@@ -119,6 +121,11 @@ def parse_caption(caption: str) -> Spec | None:
         if m["color"] in COLORS and m["shape"] in SHAPES:
             return Spec(objects=((m["color"], m["shape"]),), size_word=m["size"], position=m["pos"])
     return None
+
+
+def outside_grammar(captions) -> list[str]:
+    """The captions the world's grammar cannot parse (empty when every one is a world caption)."""
+    return [c for c in captions if parse_caption(c) is None]
 
 
 def all_specs() -> list[Spec]:
@@ -311,7 +318,3 @@ def training_example(spec: Spec, rng: np.random.Generator) -> np.ndarray:
     if rng.uniform() < strength:
         scene = jitter_layout(scene, rng, amount=rng.uniform(1.0, 4.0))
     return degrade(render(scene), scene, random_degradation(rng, strength), rng)
-
-
-def to_uint8(img: np.ndarray) -> np.ndarray:
-    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)

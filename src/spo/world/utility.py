@@ -241,6 +241,28 @@ def utility(image: np.ndarray, caption: str) -> float:
     return utility_terms(image, caption)["utility"]
 
 
+def _utility_chunk(args):
+    images, captions = args
+    return [utility(img, cap) for img, cap in zip(images, captions)]
+
+
+def utilities(images: np.ndarray, captions: list[str], workers: int | None = None) -> np.ndarray:
+    """Ground-truth utility of many images, in parallel over processes."""
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    workers = workers or min(4, os.cpu_count() or 1)
+    if workers <= 1 or len(images) < 64:
+        return np.asarray(_utility_chunk((images, captions)))
+    chunks = [(images[i : i + 64], captions[i : i + 64]) for i in range(0, len(images), 64)]
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        results = list(tqdm(pool.map(_utility_chunk, chunks), total=len(chunks), desc="utility", leave=False))
+    return np.asarray([u for r in results for u in r])
+
+
 def _as_float(image: np.ndarray) -> np.ndarray:
     img = np.asarray(image)
     if img.ndim != 3 or img.shape[-1] != 3:
