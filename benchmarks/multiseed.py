@@ -121,6 +121,38 @@ def summarise(results: list[dict], base: dict) -> list[dict]:
     return out
 
 
+def relative(results: list[dict], reference: str = "spo") -> list[dict]:
+    """Each row against the reference row, paired by seed and prompt (needs no base-model images)."""
+    ref = {r["seed"]: np.asarray(r["utility"]) for r in results if r["row"] == reference}
+    out = []
+    for row in dict.fromkeys(r for r in ROWS if r != reference and any(x["row"] == r for x in results)):
+        runs = sorted((r for r in results if r["row"] == row and r["seed"] in ref), key=lambda r: r["seed"])
+        d = np.array([np.asarray(r["utility"]) - ref[r["seed"]] for r in runs])
+        out.append(dict(row=row, seeds=len(runs), delta=float(d.mean()), delta_ci95=seeds_and_prompts_ci(d),
+                        per_seed=d.mean(1).round(4).tolist(),
+                        pairs_trained=int(np.mean([r["pairs_trained"] for r in runs])),
+                        fraction_kept=float(np.mean([r["fraction_kept"] for r in runs]))))
+    return out
+
+
+def relative_markdown(rel: list[dict], results: list[dict], meta: dict) -> str:
+    ref = [r for r in results if r["row"] == "spo"]
+    lines = [f"# World ablations over {meta['seeds']} seeds per row, against the SPO row",
+             "", f"configs/world.yaml ({meta['epochs']} epochs) with one change per row; ground-truth utility on "
+             f"{meta['prompts']} held-out prompts. Δ = row minus the `spo` row (same seed, same prompts and image "
+             f"seeds), mean over seeds; CI = two-level bootstrap over seeds and prompts. SPO row: mean utility "
+             f"{np.mean([np.mean(r['utility']) for r in ref]):.4f}, {int(np.mean([r['pairs_trained'] for r in ref]))} "
+             f"pairs per run, {np.mean([r['fraction_kept'] for r in ref]):.2f} of candidate sets kept.", "",
+             "| row | seeds | Δ utility vs spo | 95% CI (seeds+prompts) | per-seed Δ | pairs/run | kept |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rel:
+        lo, hi = r["delta_ci95"]
+        lines.append(f"| {r['row']} | {r['seeds']} | {r['delta']:+.4f} | [{lo:+.4f}, {hi:+.4f}] | "
+                     f"{', '.join(f'{g:+.3f}' for g in r['per_seed'])} | {r['pairs_trained']} | {r['fraction_kept']:.2f} |")
+    lines += ["", f"Command: `{meta['command']}`; machine: {meta['machine']}."]
+    return "\n".join(lines) + "\n"
+
+
 def markdown(summary: list[dict], base: dict, meta: dict) -> str:
     lines = [f"# World results over {meta['seeds']} seeds per row",
              "", f"configs/world.yaml ({meta['epochs']} epochs) with one change per row; ground-truth utility on "
@@ -148,7 +180,19 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="seconds-long runs: 2 rows, 2 seeds, 1 epoch, 8 prompts")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-multiseed")
+    p.add_argument("--relative-from", type=Path, default=None,
+                   help="only summarise a runs .jsonl of an earlier call against its spo row (no training)")
+    p.add_argument("--machine", default="", help="with --relative-from: where those runs ran")
     args = p.parse_args(argv)
+    if args.relative_from:
+        results = [json.loads(line) for line in args.relative_from.read_text().splitlines() if line.strip()]
+        meta = dict(seeds=max(r["seed"] for r in results) + 1, epochs=args.epochs, prompts=len(results[0]["utility"]),
+                    command="python benchmarks/multiseed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                    machine=args.machine)
+        text = relative_markdown(relative(results), results, meta)
+        (args.out / (args.relative_from.stem + "_vs_spo.md")).write_text(text)
+        print(text)
+        return dict(meta=meta)
     rows = [r for r in args.rows.split(",") if r]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:

@@ -23,7 +23,8 @@ EVAL_SEED, REFERENCE_SEED = 10_000, 20_000
 def run_demo(out: Path, config_path: Path, n_prompts: int = 128, overrides: list[str] | None = None,
              log=print) -> dict:
     from spo.config import load_config
-    from spo.trainer import SPOConfig, SPOTrainer
+    from spo.config import SPOConfig
+    from spo.trainer import Trainer
     from spo.world import open_world
 
     world = open_world()
@@ -31,14 +32,20 @@ def run_demo(out: Path, config_path: Path, n_prompts: int = 128, overrides: list
         from spo.errors import SPOError
 
         raise SPOError(f"the world at {world} has no step-aware preference model (spm/); train one with "
-                       f"`spo train-spm --config configs/spm_world.yaml output_dir=...` and copy its spm/ there")
+                       f"`spo train-spm --config configs/spm_world.yaml log.output_dir=...` and copy its spm/ there")
     t0 = time.time()
     cfg = load_config(SPOConfig, config_path, list(overrides or []) + [f"log.output_dir={out / 'train'}"])
-    lora = SPOTrainer(cfg, overwrite=True, log=log).setup().train()
+    lora = Trainer(cfg, overwrite=True, log=log).setup().train()
+    if lora is None:
+        from spo.errors import SPOError
+
+        raise SPOError(f"training was stopped; nothing to evaluate (continue it with `spo train --config "
+                       f"{config_path} log.output_dir={out / 'train'} --resume latest`)")
     train_seconds = time.time() - t0
     log(f"[demo] trained in {train_seconds:.0f}s; evaluating on {n_prompts} held-out prompts")
     report = evaluate_base_vs_tuned(world, lora, out, n_prompts, cfg)
     report["train_seconds"] = round(train_seconds, 1)
+    report["training_seeds"] = [cfg.train.seed]  # one training run: a single seed, see benchmarks/ for several
     report["total_seconds"] = round(time.time() - t0, 1)
     shutil.copy(out / "train" / "config.yaml", out / "config.yaml")
     if (out / "train" / "curves.png").exists():
@@ -108,6 +115,9 @@ def render_markdown(r: dict) -> str:
         "# SPO on the embedded world: base vs tuned", "",
         f"Prompts: {r['prompts']}. Sampler: DDIM {r['sampler']['steps']} steps, CFG {r['sampler']['guidance']}, "
         f"eta {r['sampler']['eta']}, seeds {r['sampler']['seed']}+i (same for both models).", "",
+        f"Training: one run, {len(r.get('training_seeds', [0]))} seed (train.seed = "
+        f"{', '.join(map(str, r.get('training_seeds', [0])))}); the CIs below are over prompts only, not over "
+        "training seeds (benchmarks/multiseed.py measures seed-to-seed variation).", "",
         "| judge | base | SPO | paired diff [95% CI] | win rate |", "|---|---|---|---|---|",
         row("ground-truth utility (held-out judge)", u),
         row("world PickScore", p, ".2f"),

@@ -255,7 +255,7 @@ def utilities(images: np.ndarray, captions: list[str], workers: int | None = Non
     from tqdm.auto import tqdm
 
     workers = workers or min(4, os.cpu_count() or 1)
-    if workers <= 1 or len(images) < 64:
+    if workers <= 1 or len(images) <= 256:  # below this, starting a process pool costs more than it saves
         return np.asarray(_utility_chunk((images, captions)))
     chunks = [(images[i : i + 64], captions[i : i + 64]) for i in range(0, len(images), 64)]
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
