@@ -24,6 +24,33 @@ def _writable_dir(path: Path) -> Path:
     return path
 
 
+def _fields_epilog(cls) -> str:
+    """Every config field with its default and one-line help, for `--help`."""
+    from spo.config import field_help
+
+    rows = [f"  {name} = {default!r}: {text}" for name, text, default in field_help(cls)]
+    return "\b\nConfig fields (set in the YAML or as OVERRIDES):\n" + "\n".join(rows)
+
+
+def _run_config(cls, config_path, overrides, print_config: bool):
+    """Load a run's config with friendly refusals; --print-config prints the resolved YAML and exits."""
+    import yaml
+
+    from spo.config import load_config, to_plain
+
+    paths = [o for o in overrides if "=" not in o and o.endswith((".yaml", ".yml"))]
+    if paths:
+        raise SPOError(f"{paths[0]} looks like a config file; pass it as --config {paths[0]}")
+    if config_path is None and not print_config:
+        click.echo("warning: no --config given; training on the built-in defaults (e.g. --config world, "
+                   "--config sd15)", err=True)
+    cfg = load_config(cls, config_path, list(overrides))
+    if print_config:
+        click.echo(yaml.safe_dump(to_plain(cfg), sort_keys=False), nl=False)
+        sys.exit(0)
+    return cfg
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="spo")
 def cli() -> None:
@@ -122,23 +149,30 @@ def demo(out: Path, config_path: Path, n_prompts: int, overrides: tuple[str, ...
                f"win rate {u['win_rate']:.2f})\nreport: {out / 'report.md'}")
 
 
-@cli.command("train-spm")
-@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
-              help="YAML file of SPMTrainConfig fields (see configs/spm_world.yaml).")
+def _spm_epilog() -> str:
+    from spo.config import SPMTrainConfig
+
+    return _fields_epilog(SPMTrainConfig)
+
+
+@cli.command("train-spm", epilog=_spm_epilog())
+@click.option("--config", "config_path", default=None,
+              help="YAML file of SPMTrainConfig fields, or a shipped recipe by name (spm_world, spm_sd15, spm_sdxl).")
 @click.option("--resume", default="", help='Continue a run: a checkpoint dir, or "latest" in log.output_dir.')
 @click.option("--overwrite", is_flag=True, help="Replace a run already in log.output_dir.")
+@click.option("--print-config", is_flag=True, help="Print the resolved config (YAML, overrides applied) and exit.")
 @click.argument("overrides", nargs=-1)
-def train_spm_command(config_path: Path | None, resume: str, overwrite: bool, overrides: tuple[str, ...]) -> None:
+def train_spm_command(config_path, resume: str, overwrite: bool, print_config: bool, overrides: tuple[str, ...]) -> None:
     """Train the step-aware preference model. OVERRIDES are dotted key=value config fields.
 
     \b
     Paths may start with "world:" to name an artifact of the packaged world, e.g.
       spo train-spm --config configs/spm_world.yaml train.max_steps=200 log.output_dir=runs/spm
     """
-    from spo.config import SPMTrainConfig, load_config
+    from spo.config import SPMTrainConfig
     from spo.preference.train_spm import train_spm
 
-    cfg = load_config(SPMTrainConfig, config_path, list(overrides))
+    cfg = _run_config(SPMTrainConfig, config_path, overrides, print_config)
     _writable_dir(Path(cfg.log.output_dir))
     final = train_spm(cfg, log=lambda m: click.echo(m, err=True), resume=resume, overwrite=overwrite)
     click.echo(f"step-aware preference model saved to {final}")
@@ -180,15 +214,23 @@ def evaluate_spm_command(spm_dirs, base, processor, dataset, split, diffusion_mo
     click.echo(f"table: {paths['md']}\nplot: {paths['png']}")
 
 
-@cli.command()
-@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
-              help="YAML recipe (configs/world.yaml, configs/sd15.yaml).")
+def _train_epilog() -> str:
+    from spo.config import SPOConfig
+
+    return _fields_epilog(SPOConfig)
+
+
+@cli.command(epilog=_train_epilog())
+@click.option("--config", "config_path", default=None,
+              help="YAML recipe, or a shipped one by name: world, world_dpo, sd15, sdxl.")
 @click.option("--resume", default="", help='Continue a run: a checkpoint dir, or "latest" in log.output_dir.')
 @click.option("--overwrite", is_flag=True, help="Replace a run already in log.output_dir.")
 @click.option("--method", type=click.Choice(["spo", "diffusion-dpo"]), default=None,
               help="spo, or the Diffusion-DPO baseline on offline pairs (dpo.* fields); default: the config's.")
+@click.option("--print-config", is_flag=True, help="Print the resolved config (YAML, overrides applied) and exit.")
 @click.argument("overrides", nargs=-1)
-def train(config_path: Path | None, resume: str, overwrite: bool, method: str | None, overrides: tuple[str, ...]) -> None:
+def train(config_path, resume: str, overwrite: bool, method: str | None, print_config: bool,
+          overrides: tuple[str, ...]) -> None:
     """Post-train with SPO (or a baseline). OVERRIDES are dotted key=value config fields, e.g. sample.num_candidates=4.
 
     \b
@@ -196,10 +238,10 @@ def train(config_path: Path | None, resume: str, overwrite: bool, method: str | 
       spo train --config configs/world_dpo.yaml          # the Diffusion-DPO baseline on the world's pairs
       spo train --config configs/sd15.yaml --method diffusion-dpo dpo.dataset=yuvalkirstain/pickapic_v2
     """
-    from spo.config import SPOConfig, load_config
+    from spo.config import SPOConfig
     from spo.trainer import Trainer
 
-    cfg = load_config(SPOConfig, config_path, list(overrides) + ([f"method={method}"] if method else []))
+    cfg = _run_config(SPOConfig, config_path, list(overrides) + ([f"method={method}"] if method else []), print_config)
     _writable_dir(Path(cfg.log.output_dir).parent)
     out = Trainer(cfg, overwrite=overwrite, resume=resume, log=lambda m: click.echo(m, err=True)).setup().train()
     if out is None:  # stopped by a signal at a safe point, with a checkpoint

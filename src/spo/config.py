@@ -276,20 +276,19 @@ def _coerce(name: str, value, annotation):
     return value
 
 
-def from_dict(cls, data: dict, where: str = "config", prefix: str = ""):
+def from_dict(cls, data: dict, where: str = "config", prefix: str = "", root=None):
     """Build dataclass `cls` from a (nested) dict; nested dataclass fields take sub-dicts."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise SPOError(f"unknown {where} field(s): {', '.join(prefix + u for u in unknown)}; "
-                       f"known fields: {', '.join(sorted(prefix + n for n in names))}")
+        raise SPOError(f"unknown {where} field {prefix + unknown[0]}: {_suggest(root or cls, unknown[0], prefix)}")
     values = {}
     for k, v in data.items():
         if dataclasses.is_dataclass(hints[k]):
             if not isinstance(v, dict):
                 raise SPOError(f"config field {prefix + k!r} is a group; give its fields ({prefix + k}.NAME=...)")
-            values[k] = from_dict(hints[k], v, where, prefix=f"{prefix}{k}.")
+            values[k] = from_dict(hints[k], v, where, prefix=f"{prefix}{k}.", root=root or cls)
         else:
             values[k] = _coerce(prefix + k, v, hints[k])
     try:
@@ -299,6 +298,25 @@ def from_dict(cls, data: dict, where: str = "config", prefix: str = ""):
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
+
+
+def _suggest(root, name: str, prefix: str) -> str:
+    """"did you mean" for a misspelt or misplaced field, or the known fields of the group."""
+    import difflib
+
+    everywhere = [dotted for dotted, _, _ in field_help(root)]
+    here = [d[len(prefix):] for d in everywhere if d.startswith(prefix) and "." not in d[len(prefix):]]
+    elsewhere = [d for d in everywhere if d.split(".")[-1] == name]  # the right name in the wrong place
+    if elsewhere:
+        return f"did you mean {' or '.join(elsewhere)}?"
+    initials = [f for f in here if "".join(w[0] for w in f.split("_")) == name]  # lr -> learning_rate
+    close = initials or difflib.get_close_matches(name, here, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {prefix}{close[0]}?"
+    leaf = difflib.get_close_matches(name, [d.split(".")[-1] for d in everywhere], n=1, cutoff=0.75)
+    if leaf:  # the right name in another group (or a bare name that lives in a group)
+        return f"did you mean {' or '.join(d for d in everywhere if d.split('.')[-1] == leaf[0])}?"
+    return f"known fields here: {', '.join(sorted(prefix + n for n in here))} (spo train --help lists them all)"
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -323,13 +341,32 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
+def packaged_configs() -> dict[str, Path]:
+    """The recipes shipped inside the package (also the repository's configs/), by name."""
+    from importlib import resources
+
+    folder = Path(str(resources.files("spo") / "configs"))
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A YAML file, or the name of a shipped recipe ("sd15", "world" -> its packaged file)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    shipped = packaged_configs()
+    if p.suffix == "" and str(path) in shipped:
+        return shipped[str(path)]
+    if p.name in {q.name for q in shipped.values()} and not p.exists():
+        return shipped[p.stem]  # configs/world.yaml named from outside the repository
+    raise SPOError(f"config file {path} does not exist; shipped recipes: {', '.join(shipped)} (e.g. --config world)")
+
+
 def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None):
     """Dataclass `cls` from a YAML file (optional) updated by `key=value` overrides."""
     data = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise SPOError(f"config file {path} does not exist")
+        path = resolve_config_path(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:

@@ -171,7 +171,9 @@ class Diffusion:
         scripts do); a VAE whose config asks to be upcast (SDXL's own) stays in fp32."""
         for module in self.frozen_modules():
             keep_fp32 = module is self.vae and self.vae.config.get("force_upcast", False)
-            module.requires_grad_(False).to(device, dtype=torch.float32 if keep_fp32 else dtype)
+            module.requires_grad_(False).to(device)
+            if not keep_fp32 and dtype != torch.float32:  # (diffusers warns on any dtype move, even a no-op)
+                module.to(dtype=dtype)
 
     @property
     def unet(self):

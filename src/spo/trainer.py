@@ -95,7 +95,9 @@ class Trainer:
             from peft import LoraConfig
 
             # The frozen base in the mixed-precision dtype, the LoRA weights in fp32 (diffusers' recipe).
-            unet.requires_grad_(False).to(dtype=self.weight_dtype)
+            unet.requires_grad_(False)
+            if self.weight_dtype != torch.float32:
+                unet.to(dtype=self.weight_dtype)
             unet.add_adapter(LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha, init_lora_weights="gaussian",
                                         target_modules=list(m.lora_targets)))
             cast_training_params(unet, dtype=torch.float32)

@@ -1,0 +1,64 @@
+"""What a user meets first: config discovery, friendly refusals, the top-level API, the demo from anywhere."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from spo.config import SPOConfig, load_config
+
+
+def _spo(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "spo.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=900, cwd=cwd)
+
+
+def test_print_config_round_trips_to_the_same_digest(tmp_path):
+    proc = _spo("train", "--config", "world", "--print-config", "train.num_epochs=3", "sample.num_candidates=2")
+    assert proc.returncode == 0, proc.stderr
+    (tmp_path / "printed.yaml").write_text(proc.stdout)
+    printed = load_config(SPOConfig, tmp_path / "printed.yaml")
+    direct = load_config(SPOConfig, "world", ["train.num_epochs=3", "sample.num_candidates=2"])
+    assert printed.digest() == direct.digest() and printed.train.num_epochs == 3
+
+
+@pytest.mark.parametrize("override, hint", [
+    ("train.lr=1e-4", "did you mean train.learning_rate?"),
+    ("learning_rate=1e-4", "did you mean train.learning_rate?"),
+    ("train.learnig_rate=1e-4", "did you mean train.learning_rate?"),
+    ("sample.beta=1", "did you mean train.beta or dpo.beta?"),
+])
+def test_unknown_fields_get_a_did_you_mean(override, hint):
+    with pytest.raises(Exception, match=hint.replace("?", r"\?")):
+        load_config(SPOConfig, "world", [override])
+
+
+def test_a_yaml_path_without_config_gets_a_hint_and_no_config_a_warning():
+    proc = _spo("train", "configs/world.yaml")
+    assert proc.returncode != 0 and "pass it as --config configs/world.yaml" in proc.stderr
+    proc = _spo("train", "--print-config")
+    assert proc.returncode == 0
+    proc = _spo("train", "log.output_dir=/nonexistent-root-dir/x", "train.num_epochs=0")
+    assert "no --config given" in proc.stderr
+
+
+def test_help_lists_every_field():
+    out = _spo("train", "--help").stdout
+    assert "sample.keep_rule" in out and "train.lr_scheduler" in out and "log.checkpointing_steps" in out
+    assert "data.relabel_ties" in _spo("train-spm", "--help").stdout
+
+
+def test_top_level_api():
+    import spo
+
+    assert spo.Trainer.__name__ == "Trainer" and spo.load_config is load_config and spo.SPOConfig is SPOConfig
+    with pytest.raises(AttributeError):
+        spo.NoSuchThing  # noqa: B018
+
+
+def test_shipped_recipes_resolve_by_name_outside_the_repository(tmp_path):
+    proc = _spo("train", "--config", "sd15", "--print-config", cwd=tmp_path)
+    assert proc.returncode == 0 and yaml.safe_load(proc.stdout)["prompts"] == "spo:4k"
+    proc = _spo("train", "--config", "configs/world.yaml", "--print-config", cwd=tmp_path)  # the demo's default
+    assert proc.returncode == 0, proc.stderr
