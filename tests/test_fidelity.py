@@ -195,3 +195,67 @@ def test_a_bf16_autocast_run_resumes_exactly_from_a_mid_epoch_checkpoint(tiny_wo
     assert resumed.position == 1
     resumed.train()
     assert_same_run(part, full)
+
+
+# ------------------------------------------------------------------ nothing wrong finishes quietly
+
+
+def test_non_finite_weights_are_never_saved(tiny_world, tiny_spm, tmp_path):
+    from spo.errors import SPOError
+
+    tr = _trainer(tiny_world, tiny_spm, tmp_path / "nan", "train.num_epochs=1")
+    with torch.no_grad():
+        tr.trainable[0].fill_(float("nan"))
+    with pytest.raises(SPOError, match="refusing to save"):
+        tr.save_checkpoint()
+    assert not (tmp_path / "nan" / "checkpoints" / "epoch-0").exists()
+
+
+def test_a_diverged_policy_that_samples_nan_stops_with_a_clear_error(tiny_world, tiny_spm, tmp_path):
+    from spo.errors import SPOError
+
+    tr = _trainer(tiny_world, tiny_spm, tmp_path / "div", "sample.batches_per_epoch=4", "train.num_epochs=1",
+                  "train.max_nonfinite_in_a_row=2")
+    with torch.no_grad():
+        tr.trainable[0].fill_(float("nan"))  # the LoRA weights are NaN: every sampled latent is NaN
+    with pytest.raises(SPOError, match="sampled NaN/inf latents"):
+        tr.train()
+    assert not (tmp_path / "div" / "lora").exists()
+
+
+def test_a_failed_overwrite_leaves_the_old_run_intact(tiny_world, tiny_spm, tmp_path):
+    out = tmp_path / "run"
+    _trainer(tiny_world, tiny_spm, out, "train.num_epochs=1").train()
+    before = sorted(p.name for p in out.rglob("*"))
+    cfg = load_config(SPOConfig, None, tiny_spo_args(tiny_world, tiny_spm, out, "train.num_epochs=1",
+                                                      f"model.pretrained={tmp_path / 'typo'}"))
+    with pytest.raises(Exception, match="typo"):
+        Trainer(cfg, overwrite=True, log=lambda m: None).setup()
+    assert sorted(p.name for p in out.rglob("*")) == before  # nothing deleted before the new run could load
+
+
+def test_resume_truncates_the_metrics_of_epochs_after_the_checkpoint(tiny_world, tiny_spm, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    _trainer(tiny_world, tiny_spm, out, "train.num_epochs=2", "log.checkpoints_total_limit=5").train()
+    shutil.rmtree(out / "checkpoints" / "epoch-2")
+    shutil.rmtree(out / "lora")
+    _trainer(tiny_world, tiny_spm, out, "train.num_epochs=2", resume="latest").train()
+    epochs = [__import__("json").loads(l)["epoch"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+
+
+def test_train_spm_stops_on_persistent_non_finite_losses_and_saves_nothing(tiny_world, tmp_path, monkeypatch):
+    import spo.preference.train_spm as train_module
+    from spo.config import SPMTrainConfig
+    from spo.errors import SPOError
+
+    monkeypatch.setattr(train_module, "pickscore_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    cfg = load_config(SPMTrainConfig, None, [
+        f"data.dataset={tiny_world / 'preference'}", f"model.diffusion_model={tiny_world / 'sd'}",
+        f"model.base={tiny_world / 'pickscore'}", f"log.output_dir={tmp_path / 'spm'}", "train.max_steps=3",
+        "train.batch_size=2", "log.report_to=none"])
+    with pytest.raises(SPOError, match="non-finite losses in a row"):
+        train_module.train_spm(cfg, log=lambda m: None)
+    assert not (tmp_path / "spm" / "spm").exists()

@@ -79,16 +79,30 @@ def rotate_checkpoints(out: Path, prefix: str, limit: int) -> None:
     keep_newest(numbered(out, prefix), limit)
 
 
-def claim_output_dir(out: Path, marker: str, overwrite: bool, resume: bool, accelerator) -> None:
-    """Refuse to write over a finished or running run unless asked; --overwrite replaces it."""
-    if resume or not (out / marker).exists():
+def check_output_dir(out: Path, marker: str, overwrite: bool, resume: bool) -> None:
+    """Refuse, before any work, to write over a run unless asked (--overwrite) or continuing it (--resume)."""
+    if resume or overwrite or not (out / marker).exists():
         return
-    if not overwrite:
-        raise SPOError(f"{out} already holds a run; pass --overwrite to replace it, "
-                       f"--resume to continue it, or choose another log.output_dir")
+    raise SPOError(f"{out} already holds a run; pass --overwrite to replace it, "
+                   f"--resume to continue it, or choose another log.output_dir")
+
+
+def replace_old_run(out: Path, marker: str, overwrite: bool, resume: bool, accelerator) -> None:
+    """--overwrite: delete the old run, only now that the new one has loaded everything it needs, and only
+    a folder that carries our marker file (never a folder of someone else's files)."""
+    if resume or not overwrite or not (out / marker).exists():
+        return
     if accelerator.is_main_process:
         shutil.rmtree(out)
     accelerator.wait_for_everyone()
+
+
+def assert_finite(state: dict[str, torch.Tensor], what: str) -> None:
+    """Never write non-finite weights: a NaN LoRA draws black images and looks like a result."""
+    bad = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise SPOError(f"refusing to save {what}: {len(bad)} tensors hold NaN/inf (e.g. {bad[0]}); lower the "
+                       f"learning rate or use mixed_precision=bf16/no, and resume from the last good checkpoint")
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -21,15 +21,17 @@ import torch
 
 from spo.config import SPOConfig, save_config, to_plain
 from spo.errors import SPOError
-from spo.files import atomic_directory
+from spo.files import atomic_directory, atomic_write_text
 from spo.methods import get_method
 from spo.models import FAMILIES
 from spo.runtime import (
-    claim_output_dir,
+    assert_finite,
+    check_output_dir,
     init_trackers,
     latest_checkpoint,
     make_accelerator,
     peak_memory_mb,
+    replace_old_run,
     rotate_checkpoints,
     weights_fingerprint,
 )
@@ -65,7 +67,7 @@ class Trainer:
         self.method.load_data(self)
         self.acc = make_accelerator(self.out, cfg.train.mixed_precision, cfg.train.gradient_accumulation_steps,
                                     cfg.log.report_to)
-        claim_output_dir(self.out, "run.json", self.overwrite, bool(self.resume), self.acc)
+        check_output_dir(self.out, "run.json", self.overwrite, bool(self.resume))
         if cfg.train.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
         set_seed(cfg.train.seed)  # the LoRA initialisation draws from the global generators
@@ -80,6 +82,7 @@ class Trainer:
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         if self.resume:
             self._load_checkpoint(self.resume)
+        replace_old_run(self.out, "run.json", self.overwrite, bool(self.resume), self.acc)  # all loaded: now safe
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
@@ -273,9 +276,11 @@ class Trainer:
         self.acc.wait_for_everyone()
         name = f"epoch-{self.epoch}" + (f"-round-{self.position}" if self.position else "")
         final = self.out / "checkpoints" / name
+        state = self.trainable_state()
+        assert_finite(state, f"checkpoint {final.name}")
         if self.acc.is_main_process:
             with atomic_directory(final) as tmp:
-                save_file(self.trainable_state(), str(tmp / "trainable.safetensors"))
+                save_file(state, str(tmp / "trainable.safetensors"))
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 torch.save(self.lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
                 if self.acc.scaler is not None:  # fp16: the loss scale is part of the state an exact resume needs
@@ -321,13 +326,25 @@ class Trainer:
         self.last_checkpoint_step = self.global_step
         self.nonfinite_total = state.get("nonfinite_total", 0)
         self.unet_rows = dict(state.get("unet_rows", self.unet_rows))
+        self._truncate_metrics(self.epoch)
         self.log(f"[{self.cfg.method}] resumed from {ckpt} (epoch {self.epoch}, position {self.position}, "
                  f"step {self.global_step})")
+
+    def _truncate_metrics(self, epochs_done: int) -> None:
+        """metrics.jsonl keeps only the epochs the checkpoint has seen: the resumed run writes the rest again."""
+        path = self.out / "metrics.jsonl"
+        if not self.acc.is_main_process or not path.is_file():
+            return
+        rows = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in rows if json.loads(line).get("epoch", 0) <= epochs_done]
+        if len(kept) != len(rows):
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def save_outputs(self) -> Path:
         """LoRA in the diffusers format (`load_lora_weights` reads it), or a full pipeline directory."""
         self.acc.wait_for_everyone()
         unet = self.acc.unwrap_model(self.unet)
+        assert_finite(self.trainable_state(), "the trained weights")
         ranks = self.out / "ranks"
         ranks.mkdir(parents=True, exist_ok=True)
         # One fingerprint per process: data-parallel processes must end with identical weights.

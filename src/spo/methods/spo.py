@@ -167,6 +167,7 @@ class SPO:
         for rnd in range(start, self.rounds_per_epoch(acc.num_processes)):
             t0 = time.time()
             pairs, round_stats, prompts = self.sample(trainer, epoch, rnd)
+            pairs = self._finite_only(pairs, round_stats)
             for st in round_stats:
                 self._stats["kept"] += st.kept
                 self._stats["candidates"] += st.candidates
@@ -180,6 +181,25 @@ class SPO:
             yield from self._minibatches(trainer, mine, all_prompts, epoch, rnd)
             self._stats["train_seconds"] += time.time() - t0
             yield SafePoint(rnd + 1)
+
+    def _finite_only(self, pairs, round_stats):
+        """Drop pairs with NaN/inf latents; give up when rounds keep producing them (a diverged policy).
+
+        NaN candidates also give NaN scores, which keep no pair at all: the judge's scores are checked too.
+        """
+        finite = torch.stack([torch.isfinite(getattr(pairs, n)).flatten(1).all(1)
+                              for n in ("x_t", "win", "lose", "x_t_lose")]).all(0)
+        scores_finite = all(math.isfinite(st.score_sum) for st in round_stats)
+        if finite.all() and scores_finite:
+            self.nonfinite_rounds = 0
+            return pairs
+        self.nonfinite_rounds = getattr(self, "nonfinite_rounds", 0) + 1
+        if self.nonfinite_rounds >= self.cfg.train.max_nonfinite_in_a_row:
+            from spo.errors import SPOError
+
+            raise SPOError(f"{self.nonfinite_rounds} resampler rounds in a row sampled NaN/inf latents: the policy "
+                           f"has diverged; lower train.learning_rate and resume from an earlier checkpoint")
+        return pairs.select(finite.nonzero().flatten())
 
     def _pool(self, acc, pairs, prompts, epoch: int, rnd: int):
         """Every process's pairs of the round, shuffled identically everywhere; this process's equal share."""

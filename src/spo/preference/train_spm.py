@@ -20,6 +20,9 @@ from spo.errors import SPOError
 from spo.config import SPMTrainConfig
 from spo.preference.noising import noisy_x0_images
 
+MAX_BAD_IN_A_ROW = 10  # non-finite losses in a row before train-spm gives up (x5 for unusable batches)
+
+
 # ------------------------------------------------------------------ pure pieces
 
 
@@ -80,10 +83,11 @@ def _relabel(ds, spm, resolution: int, threshold: float, ties: str, batch: int =
     return ds.filter(lambda k: k, input_columns="_keep").remove_columns("_keep")
 
 
-def _save_checkpoint(accelerator, output: Path, step: int, limit: int) -> Path:
+def _save_checkpoint(accelerator, output: Path, step: int, limit: int, spm) -> Path:
     from spo.files import atomic_directory
-    from spo.runtime import rotate_checkpoints
+    from spo.runtime import assert_finite, rotate_checkpoints
 
+    assert_finite(dict(accelerator.unwrap_model(spm).named_parameters()), f"checkpoint step-{step}")
     final = output / "checkpoints" / f"step-{step}"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -115,13 +119,14 @@ def train_spm(cfg: SPMTrainConfig, log=print, resume: str = "", overwrite: bool 
     from spo.plugins import resolve
     from spo.preference.data import PairCollator, load_preference_dataset, prompt_weights
     from spo.preference.spm import StepAwareCLIP
-    from spo.runtime import claim_output_dir, init_trackers, latest_checkpoint, make_accelerator, stream
+    from spo.runtime import (assert_finite, check_output_dir, init_trackers, latest_checkpoint, make_accelerator,
+                             replace_old_run, stream)
 
     cfg.validate()
     d, m, tr, lg = cfg.data, cfg.model, cfg.train, cfg.log
     output = Path(lg.output_dir)
     accelerator = make_accelerator(output, tr.mixed_precision, tr.gradient_accumulation_steps, lg.report_to)
-    claim_output_dir(output, "config.yaml", overwrite, bool(resume), accelerator)
+    check_output_dir(output, "config.yaml", overwrite, bool(resume))
     set_seed(tr.seed)
     ds = load_preference_dataset(resolve(d.dataset), d.split)
     diffusion = load_diffusion(resolve(m.diffusion_model), vae=resolve(m.vae) or None)
@@ -160,6 +165,7 @@ def train_spm(cfg: SPMTrainConfig, log=print, resume: str = "", overwrite: bool 
         step = json.loads((ckpt / "train_state.json").read_text())["global_step"]
         skip = (step * tr.gradient_accumulation_steps) % len(loader)
         log(f"[spm] resumed from {ckpt} at step {step}")
+    replace_old_run(output, "config.yaml", overwrite, bool(resume), accelerator)  # everything loaded: now safe
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output / "config.yaml")
@@ -167,12 +173,18 @@ def train_spm(cfg: SPMTrainConfig, log=print, resume: str = "", overwrite: bool 
     log(f"[spm] training {len(trainable)} parameter tensors ({m.train_params}) on {len(ds)} pairs")
     bar = tqdm(total=tr.max_steps, initial=step, desc="train-spm", disable=not accelerator.is_main_process)
     t0, seen, micro = time.time(), 0, step * tr.gradient_accumulation_steps
+    unusable = nonfinite = 0
     while step < tr.max_steps:
         batches = accelerator.skip_first_batches(loader, skip) if skip else loader
         skip = 0
         for batch in batches:
-            if batch is None:
+            if batch is None:  # every pair of the batch was unusable (counted in the data report)
+                unusable += 1
+                if unusable >= MAX_BAD_IN_A_ROW * 5:
+                    raise SPOError(f"{unusable} batches in a row held no usable pair; check data.dataset "
+                                   f"({d.dataset}): images, labels and captions (see the data report)")
                 continue
+            unusable = 0
             # t and the noise of micro-batch i come from their own stream: a resumed run draws the same ones
             noise_gen = stream(tr.seed, 0, accelerator.process_index, "spm_noise", micro)
             micro += 1
@@ -185,6 +197,15 @@ def train_spm(cfg: SPMTrainConfig, log=print, resume: str = "", overwrite: bool 
                 logits_0 = spm(x0_0, batch["captions"], t)
                 logits_1 = spm(x0_1, batch["captions"], t)
                 loss = pickscore_loss(logits_0, logits_1, batch["labels"], batch["weights"])
+                if not torch.isfinite(loss):
+                    nonfinite += 1
+                    optimizer.zero_grad()
+                    log(f"[spm] warning: non-finite loss skipped ({nonfinite} in a row)")
+                    if nonfinite >= MAX_BAD_IN_A_ROW:
+                        raise SPOError(f"{nonfinite} non-finite losses in a row; lower train.learning_rate, check "
+                                       f"train.guidance_scale, or use train.mixed_precision=bf16/no")
+                    continue
+                nonfinite = 0
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and tr.max_grad_norm > 0:
                     accelerator.clip_grad_norm_([p for p in spm.parameters() if p.requires_grad], tr.max_grad_norm)
@@ -204,7 +225,7 @@ def train_spm(cfg: SPMTrainConfig, log=print, resume: str = "", overwrite: bool 
                                  "train/lr": scheduler.get_last_lr()[0],
                                  "train/pairs_per_s": seen / (time.time() - t0)}, step=step)
             if (lg.checkpointing_steps and step % lg.checkpointing_steps == 0) or step == tr.max_steps:
-                _save_checkpoint(accelerator, output, step, lg.checkpoints_total_limit)
+                _save_checkpoint(accelerator, output, step, lg.checkpoints_total_limit, spm)
             if step >= tr.max_steps:
                 break
     bar.close()
@@ -212,8 +233,10 @@ def train_spm(cfg: SPMTrainConfig, log=print, resume: str = "", overwrite: bool 
     if accelerator.is_main_process:
         from spo.files import atomic_directory
 
+        model = accelerator.unwrap_model(spm)
+        assert_finite(dict(model.named_parameters()), "the step-aware preference model")
         with atomic_directory(final) as tmp:
-            accelerator.unwrap_model(spm).save_pretrained(tmp)
+            model.save_pretrained(tmp)
         report = dict(collate.report.summary(), train_seconds=round(time.time() - t0, 1), steps=step)
         (output / "data_report.json").write_text(json.dumps(report, indent=2))
         log("[spm] data: " + ", ".join(f"{k}: {v}" for k, v in collate.report.summary().items()))
