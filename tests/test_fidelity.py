@@ -74,6 +74,17 @@ def _trainer(world, spm, out, *extra, **kw):
     return Trainer(cfg, log=lambda m: None, **kw).setup()
 
 
+def _die_after(run, checkpoint: str) -> None:
+    """Throw away everything a finished run wrote after `checkpoint`, as if it had died right there."""
+    import shutil
+
+    for p in (run / "checkpoints").iterdir():
+        if p.name != checkpoint:
+            shutil.rmtree(p)
+    shutil.rmtree(run / "lora")
+    (run / "metrics.jsonl").unlink()
+
+
 def test_each_round_samples_with_the_policy_updated_by_the_previous_round(tiny_world, tiny_spm, tmp_path, monkeypatch):
     tr = _trainer(tiny_world, tiny_spm, tmp_path / "r", "sample.batches_per_epoch=3", "train.num_epochs=1")
     seen = []
@@ -101,14 +112,7 @@ def test_a_run_resumed_from_a_mid_epoch_checkpoint_equals_the_uninterrupted_run(
     part = tmp_path / "part"
     tr = _trainer(tiny_world, tiny_spm, part, *extra)
     tr.train()
-    # throw away everything after the mid-epoch checkpoint, as if the run had died there
-    import shutil
-
-    for p in (part / "checkpoints").iterdir():
-        if p.name != "epoch-0-round-2":
-            shutil.rmtree(p)
-    shutil.rmtree(part / "lora")
-    (part / "metrics.jsonl").unlink()
+    _die_after(part, "epoch-0-round-2")
     resumed = _trainer(tiny_world, tiny_spm, part, *extra, resume="latest")
     assert (resumed.epoch, resumed.position) == (0, 2)
     resumed.train()
@@ -177,8 +181,6 @@ def fresh_accelerate_state():
 def test_a_bf16_autocast_run_resumes_exactly_from_a_mid_epoch_checkpoint(tiny_world, tiny_spm, tmp_path,
                                                                           fresh_accelerate_state):
     """Mixed precision (bf16 autocast on CPU; frozen weights in bf16, LoRA in fp32) resumes exactly too."""
-    import shutil
-
     extra = ("sample.batches_per_epoch=2", "train.num_epochs=1", "log.checkpointing_steps=1",
              "log.checkpoints_total_limit=20", "train.mixed_precision=bf16")
     full, part = tmp_path / "full", tmp_path / "part"
@@ -186,11 +188,7 @@ def test_a_bf16_autocast_run_resumes_exactly_from_a_mid_epoch_checkpoint(tiny_wo
     assert tr.diffusion.pipe.text_encoder.dtype == torch.bfloat16 and all(p.dtype == torch.float32 for p in tr.trainable)
     tr.train()
     _trainer(tiny_world, tiny_spm, part, *extra).train()
-    for p in (part / "checkpoints").iterdir():
-        if p.name != "epoch-0-round-1":
-            shutil.rmtree(p)
-    shutil.rmtree(part / "lora")
-    (part / "metrics.jsonl").unlink()
+    _die_after(part, "epoch-0-round-1")
     resumed = _trainer(tiny_world, tiny_spm, part, *extra, resume="latest")
     assert resumed.position == 1
     resumed.train()
