@@ -62,3 +62,38 @@ def test_shipped_recipes_resolve_by_name_outside_the_repository(tmp_path):
     assert proc.returncode == 0 and yaml.safe_load(proc.stdout)["prompts"] == "spo:4k"
     proc = _spo("train", "--config", "configs/world.yaml", "--print-config", cwd=tmp_path)  # the demo's default
     assert proc.returncode == 0, proc.stderr
+
+
+def test_tensorboard_gets_per_step_scalars_and_validation_images(tiny_world, tiny_spm, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import tiny_spo_args
+    from spo.trainer import Trainer
+
+    out = tmp_path / "tb"
+    cfg = load_config(SPOConfig, None, tiny_spo_args(tiny_world, tiny_spm, out, "sample.batches_per_epoch=2",
+                                                      "train.num_epochs=1", "log.report_to=tensorboard",
+                                                      "log.validation_prompts=[a red circle, a blue square]",
+                                                      "log.validation_steps=1"))
+    tr = Trainer(cfg, log=lambda m: None).setup()
+    tr.train()
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent),
+                              size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert len(events.Scalars("train/loss")) == tr.global_step >= 2  # one point per optimizer step
+    assert "sample/fraction_kept" in events.Tags()["scalars"]
+    assert events.Images("validation")  # and the validation images
+    assert sorted(p.name for p in (out / "validation").iterdir())  # as PNG grids in the run folder too
+
+
+def test_a_missing_tracker_fails_before_any_work(monkeypatch):
+    import importlib.util
+
+    from spo.errors import SPOError
+    from spo.runtime import check_tracker
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(SPOError, match="needs wandb"):
+        check_tracker("wandb")
+    check_tracker("tensorboard")

@@ -61,7 +61,7 @@ def field_help(cls, prefix: str = "") -> list[tuple[str, str, object]]:
 
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
-REPORT_TO = ("tensorboard", "wandb", "none")
+REPORT_TO = ("tensorboard", "wandb", "all", "none")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 DEFAULT_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
@@ -78,7 +78,10 @@ class LogConfig:
     checkpointing_epochs: int = setting(1, "spo train: checkpoint every N epochs (and at the end)", ge=1)
     checkpoints_total_limit: int = setting(2, "keep at most this many checkpoints (the newest)", ge=1)
     log_every: int = setting(10, "train-spm: log scalars every N optimizer steps", ge=1)
-    report_to: str = setting("tensorboard", "tracker: tensorboard | wandb | none", choices=REPORT_TO)
+    report_to: str = setting("tensorboard", "tracker: tensorboard | wandb | all | none", choices=REPORT_TO)
+    validation_prompts: list[str] = setting([], "spo train: prompts drawn with fixed seeds every validation_steps")
+    validation_steps: int = setting(0, "spo train: draw the validation prompts every N optimizer steps (0 = off)",
+                                    ge=0)
 
 
 # ------------------------------------------------------------------ spo train

@@ -16,9 +16,25 @@ from spo.errors import SPOError
 from spo.files import keep_newest
 
 
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def check_tracker(report_to: str) -> None:
+    """Fail before any work when the tracker's package is missing (accelerate would only warn)."""
+    import importlib.util
+
+    names = list(TRACKER_PACKAGES) if report_to == "all" else [report_to] if report_to in TRACKER_PACKAGES else []
+    missing = [n for n in names if importlib.util.find_spec(TRACKER_PACKAGES[n]) is None]
+    if missing:
+        raise SPOError(f"log.report_to={report_to} needs {' and '.join(missing)} (pip install {' '.join(missing)}), "
+                       f"or set log.report_to=none")
+
+
 def make_accelerator(out: Path, mixed_precision: str, gradient_accumulation_steps: int, report_to: str):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
+
+    check_tracker(report_to)
 
     return Accelerator(
         cpu=not torch.cuda.is_available(),  # so that a multi-process launch on CPUs forms one group

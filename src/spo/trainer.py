@@ -52,7 +52,7 @@ class Trainer:
         self.dataset_size = 0
         self.position = 0  # where the current epoch continues (the method's SafePoint position)
         self.partial_metrics: dict[str, list[float]] = {}  # the current epoch's per-step metrics so far
-        self.last_checkpoint_step = 0
+        self.last_checkpoint_step = self.last_validation_step = 0
         self.stop_requested = False
 
     # ---------------------------------------------------------------- setup
@@ -170,13 +170,47 @@ class Trainer:
         return out
 
     def _at_safe_point(self) -> bool:
-        """Write a step checkpoint when one is due (or a stop was asked for); True = stop now."""
+        """Validation images and a step checkpoint when due (or a stop was asked for); True = stop now."""
+        lg = self.cfg.log
+        if lg.validation_steps and lg.validation_prompts and self.global_step - self.last_validation_step >= lg.validation_steps:
+            self.validate()
         every = self.cfg.log.checkpointing_steps
         aligned = self.acc.step % self.cfg.train.gradient_accumulation_steps == 0  # no half-accumulated gradient
         due = every and self.global_step - self.last_checkpoint_step >= every
         if aligned and (due or self.stop_requested):
             self.save_checkpoint()
         return aligned and self.stop_requested
+
+    @torch.no_grad()
+    def validate(self) -> Path:
+        """The validation prompts drawn by the current policy with fixed seeds (seed i for prompt i; DDIM 20,
+        CFG 5, eta 0: the paper's evaluation sampler): a PNG grid in OUT/validation/ and the tracker's images."""
+        from spo.generation import generate
+        from spo.plots import captioned_grid
+
+        self.last_validation_step = self.global_step
+        prompts = list(self.cfg.log.validation_prompts)
+        self.diffusion.unet = self.acc.unwrap_model(self.unet)
+        self.unet.eval()
+        images = generate(self.diffusion.pipe, prompts, seed=0, desc="validation")
+        self.unet.train()
+        path = self.out / "validation" / f"step-{self.global_step}.png"
+        if self.acc.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            captioned_grid(images, prompts, path, cols=min(8, len(prompts)), title=f"step {self.global_step}")
+            self._log_images(images, prompts)
+        return path
+
+    def _log_images(self, images, prompts: list[str]) -> None:
+        for tracker in self.acc.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_images("validation", images, self.global_step, dataformats="NHWC")
+                tracker.writer.flush()
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({"validation": [wandb.Image(im, caption=p) for im, p in zip(images, prompts)]},
+                            step=self.global_step)
 
     def log_scalars(self, scalars: dict) -> None:
         """Per-step scalars to the tracker, against the optimizer step."""
@@ -255,6 +289,8 @@ class Trainer:
                 if on_epoch_end is not None:
                     on_epoch_end(self)
         bar.close()
+        if self.cfg.log.validation_prompts and self.last_validation_step != self.global_step:
+            self.validate()  # the final policy, always
         return self.save_outputs()
 
     def _record(self, m: dict) -> None:
