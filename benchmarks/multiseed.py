@@ -31,7 +31,8 @@ EVAL_SEED = 10_000
 ROWS = {
     "spo": [],
     "kway-rule": ["sample.keep_rule=kway"],
-    "oracle-judge": ["model.spm=scorer:world-utility"],
+    # the simulated humans' own Bradley-Terry logit (utility / tau) on the x0-predictions: a perfect judge
+    "oracle-judge": ["model.spm=scorer:world-utility-logit"],
     "naive-pickscore": ["model.spm=world:pickscore"],
     "continue-best": ["sample.continuation=best"],
     "continue-worst": ["sample.continuation=worst"],
@@ -180,6 +181,7 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="seconds-long runs: 2 rows, 2 seeds, 1 epoch, 8 prompts")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-multiseed")
+    p.add_argument("--reuse", type=Path, default=None, help="runs .jsonl of an earlier call: skip the runs it has")
     p.add_argument("--relative-from", type=Path, default=None,
                    help="only summarise a runs .jsonl of an earlier call against its spo row (no training)")
     p.add_argument("--machine", default="", help="with --relative-from: where those runs ran")
@@ -208,10 +210,15 @@ def main(argv=None) -> dict:
     base = base_scores(prompts)
     jobs = [dict(row=r, seed=s, overrides=ROWS[r], epochs=args.epochs, prompts=prompts, work=str(args.work),
                  threads=args.threads, extra=extra) for s in range(args.seeds) for r in rows]
+    reused = [json.loads(line) for line in args.reuse.read_text().splitlines() if line.strip()] if args.reuse else []
+    done = {(r["row"], r["seed"]) for r in reused}
+    jobs = [j for j in jobs if (j["row"], j["seed"]) not in done]
     args.out.mkdir(parents=True, exist_ok=True)
     partial = args.out / ("multiseed_quick_runs.jsonl" if args.quick else "multiseed_runs.jsonl")
     partial.write_text("")
-    results = []
+    results = list(reused)
+    if reused:
+        partial.write_text("".join(json.dumps(r) + "\n" for r in reused))
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:  # each finished run is written at once: a cut-off run keeps them
         for future in as_completed([pool.submit(run_one, j) for j in jobs]):
             results.append(future.result())

@@ -33,6 +33,12 @@ def _world_utility(weights, device, **options):
     return world_utility(weights, device, **options)
 
 
+def _world_utility_logit(weights, device, **options):
+    from spo.world.scorers import world_utility_logit
+
+    return world_utility_logit(weights, device, **options)
+
+
 def _world_pickscore(weights, device, **options):
     from spo.world.scorers import world_pickscore
 
@@ -55,6 +61,7 @@ def register() -> None:
     plugins.register_path_prefix("world", _path)
     plugins.register_prompt_sets("world", _prompts)
     plugins.register_scorer("world-utility", _world_utility)
+    plugins.register_scorer("world-utility-logit", _world_utility_logit)
     plugins.register_scorer("world-pickscore", _world_pickscore)
     plugins.register_default_scorers(_default_scorers)
     plugins.register_spm_references(_spm_references)

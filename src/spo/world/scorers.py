@@ -1,6 +1,7 @@
 """The embedded world's judges, added to the core's scorer registry by `spo.world.plugin`.
 
 - `world-utility`: the ground truth (`spo/world/utility.py`), in [0, 1]; the world's "humans" in expectation.
+- `world-utility-logit`: the same divided by the label model's tau: the simulated humans' Bradley–Terry logit.
 - `world-pickscore`: the world's CLIP PickScore, logit_scale * cos(text, image) [world:pickscore].
 
 Also what `spo evaluate-spm` adds on the world's preference pairs (`spm_references`).
@@ -33,6 +34,24 @@ class WorldUtility:
             raise SPOError(f"world-utility needs prompts in the world's grammar, got {bad[0]!r}; "
                            "use --prompts world:test or another --scorer")
         return np.asarray(utilities(images, list(prompts)), dtype=np.float64)
+
+
+class WorldUtilityLogit(WorldUtility):
+    """The simulated humans' Bradley–Terry logit, utility / tau: on the same scale as a preference model's
+    logits, so a keep threshold means the same for it (the oracle step judge)."""
+
+    name = "world-utility-logit"
+
+    def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
+        from spo.world.labels import LabelModel
+
+        return super().score(images, prompts) / LabelModel().tau
+
+
+def world_utility_logit(weights: str | None, device: str) -> WorldUtilityLogit:
+    if weights:
+        raise SPOError("world-utility-logit has no weights: use --scorer world-utility-logit")
+    return WorldUtilityLogit()
 
 
 def world_utility(weights: str | None, device: str) -> WorldUtility:
