@@ -84,8 +84,8 @@ def _reference_clip(clip_dir, images, prompts):
 
 
 def test_registry_lists_every_scorer_and_rejects_unknown_names():
-    assert available_scorers() == ["world-utility", "world-utility-logit", "world-pickscore", "pickscore", "clipscore", "aesthetic",
-                                   "hpsv2", "imagereward"]
+    assert available_scorers() == ["world-utility", "world-utility-logit", "world-pickscore", "pickscore",
+                                   "clipscore", "aesthetic", "hpsv2", "imagereward"]
     with pytest.raises(SPOError, match="unknown scorer 'pickscor'.*world-utility"):
         load_scorer("pickscor")
 
