@@ -97,3 +97,14 @@ def test_a_missing_tracker_fails_before_any_work(monkeypatch):
     with pytest.raises(SPOError, match="needs wandb"):
         check_tracker("wandb")
     check_tracker("tensorboard")
+
+
+def test_win_rate_ci_comes_from_one_joint_bootstrap_over_prompts():
+    """Half wins, half exact ties: win rate 0.75; each prompt scores 1 or 0.5, so the CI is about ±0.05."""
+    from spo.evaluation import paired_difference
+
+    after = [1.0] * 50 + [0.0] * 50
+    r = paired_difference(after, [0.0] * 100)
+    lo, hi = r["win_rate_ci95"]
+    assert r["win_rate"] == pytest.approx(0.75) and lo < 0.75 < hi
+    assert hi - lo < 0.13  # resampling wins and ties separately gave about 0.27

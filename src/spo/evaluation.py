@@ -26,10 +26,13 @@ def paired_difference(after, before, n_boot: int = 2000, seed: int = 0) -> dict:
     a, b = np.asarray(after, float), np.asarray(before, float)
     d = a - b
     rng = np.random.default_rng(seed)
-    boots = d[rng.integers(0, len(d), (n_boot, len(d)))].mean(1)
-    wins = (d > 1e-9).mean() + 0.5 * (np.abs(d) <= 1e-9).mean()
-    win_boot = ((d[rng.integers(0, len(d), (n_boot, len(d)))] > 1e-9).mean(1)
-                + 0.5 * (np.abs(d[rng.integers(0, len(d), (n_boot, len(d)))]) <= 1e-9).mean(1))
+    # One resample of prompts serves both statistics: wins and ties of the same draw (resampling them
+    # separately ignores that a prompt is either one or the other, and widens the interval).
+    idx = rng.integers(0, len(d), (n_boot, len(d)))
+    boots = d[idx].mean(1)
+    score = (d > 1e-9) + 0.5 * (np.abs(d) <= 1e-9)  # 1 win, 0.5 tie, 0 loss
+    wins = score.mean()
+    win_boot = score[idx].mean(1)
     return dict(before=float(b.mean()), after=float(a.mean()), diff=float(d.mean()),
                 diff_ci95=[float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
                 win_rate=float(wins), win_rate_ci95=[float(np.percentile(win_boot, 2.5)), float(np.percentile(win_boot, 97.5))],
