@@ -108,3 +108,14 @@ def test_win_rate_ci_comes_from_one_joint_bootstrap_over_prompts():
     lo, hi = r["win_rate_ci95"]
     assert r["win_rate"] == pytest.approx(0.75) and lo < 0.75 < hi
     assert hi - lo < 0.13  # resampling wins and ties separately gave about 0.27
+
+
+def test_generate_checks_every_lora_path_and_name_before_generating(tmp_path):
+    (tmp_path / "a" / "lora").mkdir(parents=True)
+    (tmp_path / "b" / "lora").mkdir(parents=True)
+    proc = _spo("generate", "--prompt", "a red circle", "--lora", tmp_path / "a" / "lora", "--lora",
+                tmp_path / "missing", "--out", tmp_path / "out")
+    assert proc.returncode != 0 and "is not a directory" in proc.stderr and not (tmp_path / "out" / "base").exists()
+    proc = _spo("generate", "--prompt", "a red circle", "--lora", tmp_path / "a" / "lora", "--lora",
+                tmp_path / "b" / "lora", "--out", tmp_path / "out")
+    assert proc.returncode != 0 and "--lora NAME=PATH" in proc.stderr

@@ -251,12 +251,28 @@ def train(config_path, resume: str, overwrite: bool, method: str | None, print_c
                f"curves: {Path(cfg.log.output_dir) / 'curves.png'}")
 
 
+def _named_loras(specs) -> list[tuple[str, Path]]:
+    """--lora [NAME=]PATH values as (unique name, existing path), all checked before any generation."""
+    named = []
+    for spec in specs:
+        name, _, path = spec.partition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
+        path = Path(path)
+        if not path.is_dir():
+            raise SPOError(f"--lora {spec}: {path} is not a directory (a LoRA or full-pipeline output of `spo train`)")
+        named.append((name or path.name or str(path), path))
+    names = [n for n, _ in named]
+    dupes = sorted({n for n in names if names.count(n) > 1 or n == "base"})
+    if dupes:
+        raise SPOError(f"two models would be named {dupes[0]!r}; label them: --lora NAME=PATH")
+    return named
+
+
 @cli.command()
 @click.option("--pretrained", default="world:sd", show_default=True,
               help="Base SD or SDXL pipeline (hub id, dir, world:sd).")
 @click.option("--vae", default="", help="Separate VAE replacing the pipeline's, e.g. madebyollin/sdxl-vae-fp16-fix.")
-@click.option("--lora", "loras", multiple=True, type=click.Path(path_type=Path),
-              help="LoRA (or full-pipeline) output dir of `spo train`; repeatable.")
+@click.option("--lora", "loras", multiple=True, metavar="[NAME=]PATH",
+              help="LoRA (or full-pipeline) output dir of `spo train`; repeatable; NAME labels its row and folder.")
 @click.option("--no-base", is_flag=True, help="Do not include the base model.")
 @click.option("--prompt", "prompt_texts", multiple=True, help="Prompt (repeatable).")
 @click.option("--prompts", "prompt_file", default=None, help="Prompt file or set (txt/json/jsonl/csv, world:test, spo:4k).")
@@ -275,7 +291,7 @@ def generate(pretrained, vae, loras, no_base, prompt_texts, prompt_file, num, st
     if not prompts:
         raise SPOError("give prompts with --prompt TEXT or --prompts FILE")
     prompts = prompts[:num] if num else prompts
-    models = ([("base", None)] if not no_base else []) + [(Path(l).name or str(l), l) for l in loras]
+    models = ([("base", None)] if not no_base else []) + _named_loras(loras)
     if not models:
         raise SPOError("nothing to generate: --no-base without --lora")
     out = _writable_dir(out)
