@@ -119,3 +119,18 @@ def test_generate_checks_every_lora_path_and_name_before_generating(tmp_path):
     proc = _spo("generate", "--prompt", "a red circle", "--lora", tmp_path / "a" / "lora", "--lora",
                 tmp_path / "b" / "lora", "--out", tmp_path / "out")
     assert proc.returncode != 0 and "--lora NAME=PATH" in proc.stderr
+
+
+def test_a_lora_folder_carries_its_base_model_recipe_and_model_card(tiny_world, tiny_spm, tmp_path):
+    import json
+
+    from conftest import tiny_spo_args
+    from spo.trainer import Trainer
+
+    cfg = load_config(SPOConfig, None, tiny_spo_args(tiny_world, tiny_spm, tmp_path / "r", "train.num_epochs=1"))
+    lora = Trainer(cfg, log=lambda m: None).setup().train()
+    info = json.loads((lora / "spo_lora.json").read_text())
+    assert info["base_model"] == str(tiny_world / "sd") and info["config_digest"] == cfg.digest()
+    card = (lora / "README.md").read_text()
+    assert card.startswith("---\nbase_model: ") and "load_lora_weights" in card
+    assert load_config(SPOConfig, lora / "training_config.yaml").digest() == cfg.digest()

@@ -390,6 +390,7 @@ class Trainer:
             with atomic_directory(target) as tmp:
                 if self.cfg.model.use_lora:
                     save_lora(unet, tmp, self.cfg.model.lora_rank, self.cfg.model.lora_alpha, type(self.diffusion.pipe))
+                    write_model_card(tmp, self.cfg, type(self.diffusion.pipe).__name__)
                 else:
                     self.diffusion.unet = unet
                     self.diffusion.pipe.save_pretrained(tmp)
@@ -422,6 +423,38 @@ def _stop_on_signals(trainer: Trainer):
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def write_model_card(directory: Path, cfg: SPOConfig, pipeline_class: str) -> None:
+    """What a LoRA folder needs to be handed on: the base model and recipe (spo_lora.json) and a model card
+    (README.md, in the conventions of diffusers' training scripts)."""
+    info = json.loads((directory / "spo_lora.json").read_text())
+    info.update(base_model=cfg.model.pretrained, method=cfg.method, config_digest=cfg.digest())
+    (directory / "spo_lora.json").write_text(json.dumps(info))
+    save_config(cfg, directory / "training_config.yaml")
+    base, s, t = cfg.model.pretrained, cfg.sample, cfg.train
+    (directory / "README.md").write_text(f"""---
+base_model: {base}
+library_name: diffusers
+tags: [text-to-image, diffusers, lora, {cfg.method}, preference-optimization]
+---
+
+# {cfg.method.upper()} LoRA for {base}
+
+Trained with `spo` ({cfg.method}; Step-aware Preference Optimization, arXiv 2406.04314) on the prompts
+`{cfg.prompts}`: LoRA rank {cfg.model.lora_rank}, alpha {cfg.model.lora_alpha:g}, learning rate
+{t.learning_rate:g}, {t.num_epochs} epochs, seed {t.seed}; step judge `{cfg.model.spm}`, K = {s.num_candidates},
+threshold {s.threshold:g} ({s.keep_rule}), DDIM {s.num_steps} steps, eta {s.eta:g}, CFG {s.guidance_scale:g}.
+The full recipe is `training_config.yaml` (config digest {cfg.digest()}).
+
+```python
+from diffusers import {pipeline_class}
+
+pipe = {pipeline_class}.from_pretrained("{base}")
+pipe.load_lora_weights("path/to/this/folder")
+image = pipe("a prompt", num_inference_steps={s.num_steps}, guidance_scale={s.guidance_scale:g}).images[0]
+```
+""")
 
 
 def save_lora(unet, directory: Path, rank: int, alpha: float, pipeline_cls=None) -> None:
