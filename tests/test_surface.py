@@ -134,3 +134,12 @@ def test_a_lora_folder_carries_its_base_model_recipe_and_model_card(tiny_world, 
     card = (lora / "README.md").read_text()
     assert card.startswith("---\nbase_model: ") and "load_lora_weights" in card
     assert load_config(SPOConfig, lora / "training_config.yaml").digest() == cfg.digest()
+
+
+def test_world_build_force_never_empties_a_folder_that_is_not_a_world(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    proc = _spo("world", "build", "--tiny", "--force", "--out", mine)
+    assert proc.returncode != 0 and "not a world's" in proc.stderr and "Traceback" not in proc.stderr
+    assert (mine / "thesis.tex").read_text() == "years of work"

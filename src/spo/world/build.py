@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from spo.clip import image_embeds, text_embeds
+from spo.errors import SPOError
 from spo.files import atomic_directory, atomic_write_text
 from spo.world import architecture, prompts, scenes
 from spo.world.common import to_model_range, tokenize
@@ -237,6 +238,21 @@ def train_pickscore(clip, tokenizer, train_rows, cfg: BuildConfig, gen: torch.Ge
 # ------------------------------------------------------------------ the whole build
 
 
+WORLD_ENTRIES = ("tokenizer", "clip", "sd", "preference", "pickscore", "spm_preference", "spm", "prompts", "report",
+                 "timings.json", "world.json")
+
+
+def _clear_world(out: Path) -> None:
+    """--force: delete the world's own artifacts, and only in a folder that is a world (or empty)."""
+    children = list(out.iterdir())
+    foreign = [c.name for c in children if c.name.removesuffix(".partial") not in WORLD_ENTRIES]
+    if foreign:
+        raise SPOError(f"{out} holds files that are not a world's ({', '.join(sorted(foreign)[:3])}); "
+                       f"--force deletes nothing there: choose an empty --out or a world folder")
+    for child in children:
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
 def build(out: str | Path, cfg: BuildConfig, force: bool = False, log=print) -> dict:
     """Run every stage not yet complete under `out`; returns the build report."""
     from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
@@ -247,8 +263,7 @@ def build(out: str | Path, cfg: BuildConfig, force: bool = False, log=print) -> 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if force:
-        for child in out.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        _clear_world(out)
     timings = _read_json(out / "timings.json")
     if "OMP_NUM_THREADS" not in os.environ:  # an explicit setting wins (e.g. 1 on a shared machine)
         torch.set_num_threads(max(1, os.cpu_count() or 1))
