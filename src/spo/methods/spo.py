@@ -108,6 +108,7 @@ class SPO:
     def __init__(self, cfg):
         self.cfg = cfg
         self._stats = {}
+        self.nonfinite_rounds = 0  # resampler rounds in a row that sampled NaN/inf
 
     def load_data(self, trainer) -> None:
         from spo.prompts import load_prompts
@@ -193,7 +194,7 @@ class SPO:
         if finite.all() and scores_finite:
             self.nonfinite_rounds = 0
             return pairs
-        self.nonfinite_rounds = getattr(self, "nonfinite_rounds", 0) + 1
+        self.nonfinite_rounds += 1
         if self.nonfinite_rounds >= self.cfg.train.max_nonfinite_in_a_row:
             from spo.errors import SPOError
 
