@@ -9,6 +9,13 @@ it includes seed-to-seed variation, not just prompt sampling.
     python benchmarks/multiseed.py --jobs 2                 # everything (hours on 2 CPU cores)
     python benchmarks/multiseed.py --rows spo,oracle        # some rows
     python benchmarks/multiseed.py --quick                  # seconds-long runs (what the tests run)
+
+Rows that need more than an override: `diffusion-dpo` trains configs/world_dpo.yaml; with
+`--tune-dpo` its β and learning rate are first chosen on the world's *validation* prompts (one run
+per grid point, seed 0), then the chosen setting runs every seed on the held-out test prompts.
+`no-t-spm` uses a step judge trained without timestep conditioning: `--no-t-spm PATH`, or trained
+here first (configs/spm_world.yaml with model.time_conditioned=false). `--every N` also evaluates a
+LoRA snapshot every N epochs (mean utility against UNet compute), for quality-per-compute curves.
 """
 
 from __future__ import annotations
@@ -19,13 +26,15 @@ import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_SEED = 10_000
+DPO_QUICK = ["dpo.pairs_per_epoch=16", "train.batch_size=8"]
+SPM_QUICK = ["train.max_steps=2", "train.batch_size=4", "log.checkpointing_steps=1000"]
 
 # name -> overrides of configs/world.yaml
 ROWS = {
@@ -41,7 +50,11 @@ ROWS = {
     "K=8": ["sample.num_candidates=8"],
     "threshold=0": ["sample.threshold=0.0"],
     "threshold=0.3": ["sample.threshold=0.3"],
+    "no-t-spm": ["model.spm={no_t_spm}"],  # the same SPM recipe without timestep conditioning
+    "diffusion-dpo": [],  # configs/world_dpo.yaml; β and lr from --dpo or --tune-dpo
 }
+CONFIGS = {"diffusion-dpo": "world_dpo.yaml"}  # rows not named here train configs/world.yaml
+TRAIN_ROW_COST = 3  # a UNet row with gradients (forward + backward) in forward-equivalents
 
 
 def run_one(job: dict) -> dict:
@@ -52,23 +65,56 @@ def run_one(job: dict) -> dict:
     from spo.config import SPOConfig, load_config
     from spo.generation import generate, load_model
     from spo.scorers import load_scorer
-    from spo.trainer import Trainer
+    from spo.trainer import Trainer, save_lora
 
-    out = Path(job["work"]) / f"{job['row']}-seed{job['seed']}"
-    cfg = load_config(SPOConfig, ROOT / "configs" / "world.yaml", [
+    out = Path(job["work"]) / f"{job['row']}-seed{job['seed']}".replace(" ", "_")
+    cfg = load_config(SPOConfig, ROOT / "configs" / job.get("config", "world.yaml"), [
         *job["overrides"], f"train.seed={job['seed']}", f"train.num_epochs={job['epochs']}",
         f"log.output_dir={out}", "log.report_to=none", "log.checkpointing_epochs=1000", *job["extra"]])
-    t0 = time.time()
+    utility = load_scorer("world-utility")
+    t0, excluded, snapshots = time.time(), [0.0], []
+
+    def snapshot(tr) -> None:  # evaluation time is excluded from the run's seconds
+        if not job.get("every") or tr.epoch % job["every"] or tr.epoch == cfg.train.num_epochs:
+            return
+        s0 = time.time()
+        where = out / "snapshots" / f"epoch-{tr.epoch}"
+        save_lora(tr.acc.unwrap_model(tr.unet), where, cfg.model.lora_rank, cfg.model.lora_alpha)
+        images = generate(load_model("world:sd", str(where)), job["prompts"], EVAL_SEED, desc="snapshot")
+        snapshots.append(dict(epoch=tr.epoch, seconds=s0 - t0 - excluded[0], **_compute(tr),
+                              utility=float(utility.score(images, job["prompts"]).mean())))
+        excluded[0] += time.time() - s0
+
     tr = Trainer(cfg, overwrite=True, log=lambda m: None).setup()
-    lora = tr.train()
-    seconds = time.time() - t0
+    lora = tr.train(on_epoch_end=snapshot)
+    seconds = time.time() - t0 - excluded[0]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     images = generate(load_model("world:sd", lora), job["prompts"], EVAL_SEED, desc="eval")
-    return dict(row=job["row"], seed=job["seed"], seconds=seconds,
-                pairs_trained=int(sum(r.get("pairs_trained", 0) for r in rows)),
+    scores = utility.score(images, job["prompts"])
+    snapshots.append(dict(epoch=cfg.train.num_epochs, seconds=seconds, **_compute(tr), utility=float(scores.mean())))
+    return dict(row=job["row"], seed=job["seed"], seconds=seconds, split=job.get("split", "test"),
+                overrides=job["overrides"], pairs_trained=int(sum(r.get("pairs_trained", 0) for r in rows)),
                 fraction_kept=float(np.mean([r.get("fraction_kept", float("nan")) for r in rows])),
-                utility=load_scorer("world-utility").score(images, job["prompts"]).tolist(),
-                spm_t0=_spm_t0(images, job["prompts"]))
+                utility=scores.tolist(), spm_t0=_spm_t0(images, job["prompts"]), snapshots=snapshots)
+
+
+def _compute(tr) -> dict:
+    rows = dict(forward_rows=tr.unet_rows["forward"], train_rows=tr.unet_rows["train"])
+    return dict(rows, forward_equivalents=rows["forward_rows"] + TRAIN_ROW_COST * rows["train_rows"])
+
+
+def train_no_t_spm(job: dict) -> str:
+    """The ablation judge: configs/spm_world.yaml (the shipped world:spm's recipe) without timestep conditioning."""
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    from spo.config import SPMTrainConfig, load_config
+    from spo.preference.train_spm import train_spm
+
+    cfg = load_config(SPMTrainConfig, ROOT / "configs" / "spm_world.yaml", [
+        "model.time_conditioned=false", f"log.output_dir={Path(job['work']) / 'spm-no-t'}", "log.report_to=none",
+        *job["extra"]])
+    return str(train_spm(cfg, log=lambda m: None, overwrite=True))
 
 
 def _spm_t0(images, prompts) -> list[float]:
@@ -118,8 +164,34 @@ def summarise(results: list[dict], base: dict) -> list[dict]:
                         spm_t0_gain=float(spm.mean()), spm_t0_gain_ci95=seeds_and_prompts_ci(spm),
                         pairs_trained=int(np.mean([r["pairs_trained"] for r in runs])),
                         fraction_kept=float(np.mean([r["fraction_kept"] for r in runs])),
-                        train_seconds=float(np.mean([r["seconds"] for r in runs]))))
+                        train_seconds=float(np.mean([r["seconds"] for r in runs])),
+                        forward_equivalents=_mean_final(runs, "forward_equivalents"),
+                        curve=_curve(runs, float(np.mean(base["utility"])))))
     return out
+
+
+def _mean_final(runs: list[dict], key: str) -> float:
+    values = [r["snapshots"][-1][key] for r in runs if r.get("snapshots")]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _curve(runs: list[dict], base_mean: float) -> list[dict]:
+    """Mean over seeds of (snapshot mean utility − base mean) at each evaluated epoch, with its compute."""
+    epochs = sorted({s["epoch"] for r in runs for s in r.get("snapshots", [])})
+    points = []
+    for e in epochs:
+        snaps = [s for r in runs for s in r.get("snapshots", []) if s["epoch"] == e]
+        points.append(dict(epoch=e, seeds=len(snaps), utility_gain=float(np.mean([s["utility"] for s in snaps])) - base_mean,
+                           forward_equivalents=float(np.mean([s["forward_equivalents"] for s in snaps])),
+                           seconds=float(np.mean([s["seconds"] for s in snaps]))))
+    return points
+
+
+def dpo_tuning(tuned: list[dict], base: dict | None) -> list[dict]:
+    """The Diffusion-DPO grid on validation prompts: gain over the base model per (beta, lr), best first."""
+    rows = [dict(setting=" ".join(r["overrides"]), validation_gain=float(np.mean(r["utility"]) - np.mean(base["utility"])),
+                 pairs_trained=r["pairs_trained"]) for r in tuned]
+    return sorted(rows, key=lambda r: -r["validation_gain"])
 
 
 def relative(results: list[dict], reference: str = "spo") -> list[dict]:
@@ -154,7 +226,7 @@ def relative_markdown(rel: list[dict], results: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown(summary: list[dict], base: dict, meta: dict) -> str:
+def markdown(summary: list[dict], base: dict, meta: dict, tuning: list[dict] = ()) -> str:
     lines = [f"# World results over {meta['seeds']} seeds per row",
              "", f"configs/world.yaml ({meta['epochs']} epochs) with one change per row; ground-truth utility on "
              f"{meta['prompts']} held-out prompts (base {np.mean(base['utility']):.3f}). Gain = mean over seeds of the "
@@ -166,6 +238,20 @@ def markdown(summary: list[dict], base: dict, meta: dict) -> str:
         lines.append(f"| {r['row']} | {r['seeds']} | {r['utility_gain']:+.4f} | [{lo:+.4f}, {hi:+.4f}] | "
                      f"{', '.join(f'{g:+.3f}' for g in r['per_seed_gain'])} | {r['spm_t0_gain']:+.3f} | "
                      f"{r['pairs_trained']} | {r['fraction_kept']:.2f} |")
+    curves = [r for r in summary if len(r.get("curve", [])) > 1]
+    if curves:
+        lines += ["", "## Quality per compute", "",
+                  "Mean over seeds of the snapshot's mean utility gain over the base, against UNet compute in "
+                  f"forward-equivalents (a row with gradients = {TRAIN_ROW_COST}; machine-independent; seconds are "
+                  "wall time of runs sharing one machine, so only roughly comparable).", "",
+                  "| row | epoch | forward-equivalents (M) | seconds | utility gain |", "|---|---|---|---|---|"]
+        for r in curves:
+            lines += [f"| {r['row']} | {c['epoch']} | {c['forward_equivalents'] / 1e6:.2f} | {c['seconds']:.0f} | "
+                      f"{c['utility_gain']:+.4f} |" for c in r["curve"]]
+    if tuning:
+        lines += ["", "## Diffusion-DPO tuning (validation prompts, seed 0, one run per setting)", "",
+                  "| setting | validation utility gain | pairs trained |", "|---|---|---|"]
+        lines += [f"| `{t['setting']}` | {t['validation_gain']:+.4f} | {t['pairs_trained']} |" for t in tuning]
     lines += ["", f"Command: `{meta['command']}`; machine: {meta['machine']}; {meta['wall_seconds']:.0f} s."]
     return "\n".join(lines) + "\n"
 
@@ -179,6 +265,13 @@ def main(argv=None) -> dict:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--quick", action="store_true", help="seconds-long runs: 2 rows, 2 seeds, 1 epoch, 8 prompts")
+    p.add_argument("--every", type=int, default=0, help="also evaluate a snapshot every N epochs (0: final only)")
+    p.add_argument("--tune-dpo", action="store_true", help="choose Diffusion-DPO's beta and lr on validation prompts")
+    p.add_argument("--dpo-betas", default="500,2000,5000")
+    p.add_argument("--dpo-lrs", default="1e-4,5e-4,2e-3")
+    p.add_argument("--dpo-beta", type=float, default=0.0, help="without --tune-dpo: beta (0: the config's)")
+    p.add_argument("--dpo-lr", type=float, default=5e-4, help="without --tune-dpo, with --dpo-beta: learning rate")
+    p.add_argument("--no-t-spm", default="", help="the no-t-conditioning SPM (default: train it first)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-multiseed")
     p.add_argument("--reuse", type=Path, default=None, help="runs .jsonl of an earlier call: skip the runs it has")
@@ -201,30 +294,67 @@ def main(argv=None) -> dict:
         raise SystemExit(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
     extra = []
     if args.quick:
-        rows, args.seeds, args.epochs, args.prompts = rows[:2], 2, 1, 8
+        rows = rows[:2] if args.rows == ",".join(ROWS) else rows
+        args.seeds, args.epochs, args.prompts = 2, 1, 8
         extra = ["sample.batch_size=2", "sample.num_steps=6", "sample.divert_start_step=2"]
     from spo.prompts import load_prompts
 
     prompts = load_prompts("world:test")[: args.prompts]
+    validation = load_prompts("world:validation")[: args.prompts]
     t0 = time.time()
     base = base_scores(prompts)
-    jobs = [dict(row=r, seed=s, overrides=ROWS[r], epochs=args.epochs, prompts=prompts, work=str(args.work),
-                 threads=args.threads, extra=extra) for s in range(args.seeds) for r in rows]
+    common = dict(epochs=args.epochs, work=str(args.work), threads=args.threads, every=args.every)
+
+    def job(row, seed, overrides=None, prompts=prompts, **more):
+        extra_row = DPO_QUICK if args.quick and row in CONFIGS else []
+        return dict(common, row=row, seed=seed, overrides=ROWS[row] if overrides is None else overrides,
+                    config=CONFIGS.get(row, "world.yaml"), prompts=prompts, extra=extra + extra_row, **more)
+
+    dpo = [f"dpo.beta={args.dpo_beta}", f"train.learning_rate={args.dpo_lr}"] if args.dpo_beta else []
+    tune = [(b, lr) for b in args.dpo_betas.split(",") for lr in args.dpo_lrs.split(",")] if args.tune_dpo else []
+    jobs = [job(r, s, dpo if r == "diffusion-dpo" else None) for s in range(args.seeds) for r in rows
+            if not (r == "diffusion-dpo" and tune) and not (r == "no-t-spm" and not args.no_t_spm)]
+    if args.no_t_spm:
+        jobs = [dict(j, overrides=[o.format(no_t_spm=args.no_t_spm) for o in j["overrides"]]) for j in jobs]
+    jobs += [dict(job("diffusion-dpo", 0, [f"dpo.beta={b}", f"train.learning_rate={lr}"], validation),
+                  row=f"dpo-tune beta={b} lr={lr}", config=CONFIGS["diffusion-dpo"], split="validation")
+             for b, lr in tune]
+    if "no-t-spm" in rows and not args.no_t_spm:
+        jobs.insert(0, dict(common, row="train-no-t-spm", seed=0, extra=SPM_QUICK if args.quick else []))
     reused = [json.loads(line) for line in args.reuse.read_text().splitlines() if line.strip()] if args.reuse else []
     done = {(r["row"], r["seed"]) for r in reused}
     jobs = [j for j in jobs if (j["row"], j["seed"]) not in done]
     args.out.mkdir(parents=True, exist_ok=True)
     partial = args.out / ("multiseed_quick_runs.jsonl" if args.quick else "multiseed_runs.jsonl")
-    partial.write_text("")
-    results = list(reused)
-    if reused:
-        partial.write_text("".join(json.dumps(r) + "\n" for r in reused))
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:  # each finished run is written at once: a cut-off run keeps them
-        for future in as_completed([pool.submit(run_one, j) for j in jobs]):
-            results.append(future.result())
-            with open(partial, "a") as f:
-                f.write(json.dumps(results[-1]) + "\n")
-            print(f"done {results[-1]['row']} seed {results[-1]['seed']} in {results[-1]['seconds']:.0f} s", flush=True)
+    partial.write_text("".join(json.dumps(r) + "\n" for r in reused))
+    results, tuned = list(reused), [r for r in reused if r["row"].startswith("dpo-tune")]
+    # Runs whose settings depend on earlier ones (the tuned Diffusion-DPO, the no-t judge's row) are
+    # submitted as soon as what they need has finished; each finished run is written at once.
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = {pool.submit(train_no_t_spm if j["row"] == "train-no-t-spm" else run_one, j): j for j in jobs}
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                j, result = pending.pop(future), future.result()
+                if j["row"] == "train-no-t-spm":
+                    print(f"trained the no-t SPM: {result}", flush=True)
+                    for seed in range(args.seeds):
+                        nj = job("no-t-spm", seed, [f"model.spm={result}"])
+                        pending[pool.submit(run_one, nj)] = nj
+                    continue
+                results.append(result)
+                with open(partial, "a") as f:
+                    f.write(json.dumps(result) + "\n")
+                print(f"done {result['row']} seed {result['seed']} in {result['seconds']:.0f} s", flush=True)
+                if result["row"].startswith("dpo-tune"):
+                    tuned.append(result)
+                    if len(tuned) == len(tune):
+                        best = max(tuned, key=lambda r: np.mean(r["utility"]))
+                        print(f"Diffusion-DPO tuned on validation prompts: {best['overrides']}", flush=True)
+                        for seed in range(args.seeds):
+                            nj = job("diffusion-dpo", seed, best["overrides"])
+                            pending[pool.submit(run_one, nj)] = nj
+    tuning = dpo_tuning(tuned, base_scores(validation) if tuned else None)
     summary = summarise(results, base)
     import platform
 
@@ -232,9 +362,11 @@ def main(argv=None) -> dict:
                 command="python benchmarks/multiseed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 machine=f"{platform.machine()}, {os.cpu_count()} cores, {args.jobs} jobs x {args.threads} threads")
     name = "multiseed_quick" if args.quick else "multiseed"
-    (args.out / f"{name}.json").write_text(json.dumps(dict(meta=meta, base=base, summary=summary, runs=results), indent=1))
-    (args.out / f"{name}.md").write_text(markdown(summary, base, meta))
-    print(markdown(summary, base, meta))
+    (args.out / f"{name}.json").write_text(json.dumps(dict(meta=meta, base=base, summary=summary, tuning=tuning,
+                                                           runs=results), indent=1))
+    text = markdown(summary, base, meta, tuning)
+    (args.out / f"{name}.md").write_text(text)
+    print(text)
     return dict(meta=meta, summary=summary)
 
 
