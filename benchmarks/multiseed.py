@@ -53,7 +53,8 @@ ROWS = {
     "no-t-spm": ["model.spm={no_t_spm}"],  # the same SPM recipe without timestep conditioning
     "diffusion-dpo": [],  # configs/world_dpo.yaml; β and lr from --dpo or --tune-dpo
 }
-CONFIGS = {"diffusion-dpo": "world_dpo.yaml"}  # rows not named here train configs/world.yaml
+CONFIGS = {"diffusion-dpo": "world_dpo.yaml"}
+CURVE_ROWS = ("spo", "oracle-judge", "diffusion-dpo")  # rows whose snapshots --every evaluates  # rows not named here train configs/world.yaml
 TRAIN_ROW_COST = 3  # a UNet row with gradients (forward + backward) in forward-equivalents
 
 
@@ -244,9 +245,9 @@ def markdown(summary: list[dict], base: dict, meta: dict, tuning: list[dict] = (
                   "Mean over seeds of the snapshot's mean utility gain over the base, against UNet compute in "
                   f"forward-equivalents (a row with gradients = {TRAIN_ROW_COST}; machine-independent; seconds are "
                   "wall time of runs sharing one machine, so only roughly comparable).", "",
-                  "| row | epoch | forward-equivalents (M) | seconds | utility gain |", "|---|---|---|---|---|"]
+                  "| row | epoch | forward-equivalents (k) | seconds | utility gain |", "|---|---|---|---|---|"]
         for r in curves:
-            lines += [f"| {r['row']} | {c['epoch']} | {c['forward_equivalents'] / 1e6:.2f} | {c['seconds']:.0f} | "
+            lines += [f"| {r['row']} | {c['epoch']} | {c['forward_equivalents'] / 1e3:.0f} | {c['seconds']:.0f} | "
                       f"{c['utility_gain']:+.4f} |" for c in r["curve"]]
     if tuning:
         lines += ["", "## Diffusion-DPO tuning (validation prompts, seed 0, one run per setting)", "",
@@ -271,6 +272,7 @@ def main(argv=None) -> dict:
     p.add_argument("--dpo-lrs", default="1e-4,5e-4,2e-3")
     p.add_argument("--dpo-beta", type=float, default=0.0, help="without --tune-dpo: beta (0: the config's)")
     p.add_argument("--dpo-lr", type=float, default=5e-4, help="without --tune-dpo, with --dpo-beta: learning rate")
+    p.add_argument("--base", type=Path, default=None, help="base-model scores of an earlier call (its _base.json)")
     p.add_argument("--no-t-spm", default="", help="the no-t-conditioning SPM (default: train it first)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-multiseed")
@@ -295,19 +297,23 @@ def main(argv=None) -> dict:
     extra = []
     if args.quick:
         rows = rows[:2] if args.rows == ",".join(ROWS) else rows
-        args.seeds, args.epochs, args.prompts = 2, 1, 8
+        args.seeds, args.epochs, args.prompts = 2, 2 if args.every else 1, 8
         extra = ["sample.batch_size=2", "sample.num_steps=6", "sample.divert_start_step=2"]
     from spo.prompts import load_prompts
 
     prompts = load_prompts("world:test")[: args.prompts]
     validation = load_prompts("world:validation")[: args.prompts]
     t0 = time.time()
-    base = base_scores(prompts)
-    common = dict(epochs=args.epochs, work=str(args.work), threads=args.threads, every=args.every)
+    args.out.mkdir(parents=True, exist_ok=True)
+    base_file = args.out / ("multiseed_quick_base.json" if args.quick else "multiseed_base.json")
+    base = json.loads(args.base.read_text()) if args.base else base_scores(prompts)
+    base_file.write_text(json.dumps(base))  # with the runs .jsonl, enough to summarise a cut-off call (--reuse, --base)
+    common = dict(epochs=args.epochs, work=str(args.work), threads=args.threads)
 
     def job(row, seed, overrides=None, prompts=prompts, **more):
         extra_row = DPO_QUICK if args.quick and row in CONFIGS else []
         return dict(common, row=row, seed=seed, overrides=ROWS[row] if overrides is None else overrides,
+                    every=args.every if row in CURVE_ROWS else 0,
                     config=CONFIGS.get(row, "world.yaml"), prompts=prompts, extra=extra + extra_row, **more)
 
     dpo = [f"dpo.beta={args.dpo_beta}", f"train.learning_rate={args.dpo_lr}"] if args.dpo_beta else []
@@ -324,7 +330,6 @@ def main(argv=None) -> dict:
     reused = [json.loads(line) for line in args.reuse.read_text().splitlines() if line.strip()] if args.reuse else []
     done = {(r["row"], r["seed"]) for r in reused}
     jobs = [j for j in jobs if (j["row"], j["seed"]) not in done]
-    args.out.mkdir(parents=True, exist_ok=True)
     partial = args.out / ("multiseed_quick_runs.jsonl" if args.quick else "multiseed_runs.jsonl")
     partial.write_text("".join(json.dumps(r) + "\n" for r in reused))
     results, tuned = list(reused), [r for r in reused if r["row"].startswith("dpo-tune")]
