@@ -99,6 +99,45 @@ def run_one(job: dict) -> dict:
                 utility=scores.tolist(), spm_t0=_spm_t0(images, job["prompts"]), snapshots=snapshots)
 
 
+def evaluate_run(job: dict) -> dict:
+    """Score a finished run folder (trained elsewhere, e.g. on a lent GPU) as `run_one` would have."""
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    from spo.generation import generate, load_model
+    from spo.scorers import load_scorer
+
+    out, utility = Path(job["dir"]), load_scorer("world-utility")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    snapshots = []
+    curve = sorted((out / "snapshots").glob("epoch-*"), key=lambda d: int(d.name.split("-")[1]))
+    for where in (curve if job["split"] == "test" else []) + [out / "lora"]:  # tuning runs: the final LoRA only
+        epoch = int(where.name.split("-")[1]) if where.name != "lora" else rows[-1]["epoch"]
+        images = generate(load_model("world:sd", str(where)), job["prompts"], EVAL_SEED, desc="eval")
+        scores = utility.score(images, job["prompts"])
+        m = next(r for r in rows if r["epoch"] == epoch)
+        compute = dict(forward_rows=m["unet_forward_rows"], train_rows=m["unet_train_rows"])
+        snapshots.append(dict(epoch=epoch, seconds=sum(r["epoch_seconds"] for r in rows if r["epoch"] <= epoch), **compute,
+                              forward_equivalents=compute["forward_rows"] + TRAIN_ROW_COST * compute["train_rows"],
+                              utility=float(scores.mean())))
+    return dict(row=job["row"], seed=job["seed"], seconds=snapshots[-1]["seconds"], split=job["split"],
+                overrides=job["overrides"], pairs_trained=int(sum(r.get("pairs_trained", 0) for r in rows)),
+                fraction_kept=float(np.mean([r.get("fraction_kept", float("nan")) for r in rows])),
+                utility=scores.tolist(), spm_t0=_spm_t0(images, job["prompts"]), snapshots=snapshots,
+                trained_in=str(out))
+
+
+def run_folder_job(folder: Path, test: list[str], validation: list[str], threads: int) -> dict:
+    """The evaluation job of `<row>-seed<N>` (tuning rows: `dpo-tune_beta=B_lr=L-seed0`, scored on validation)."""
+    name, seed = folder.name.rsplit("-seed", 1)
+    row = name.replace("_", " ")
+    tune = row.startswith("dpo-tune")
+    overrides = [f"dpo.beta={row.split('beta=')[1].split()[0]}", f"train.learning_rate={row.split('lr=')[1]}"] if tune \
+        else ROWS.get(row, [])
+    return dict(dir=str(folder), row=row, seed=int(seed), overrides=overrides, threads=threads,
+                split="validation" if tune else "test", prompts=validation if tune else test)
+
+
 def _compute(tr) -> dict:
     rows = dict(forward_rows=tr.unet_rows["forward"], train_rows=tr.unet_rows["train"])
     return dict(rows, forward_equivalents=rows["forward_rows"] + TRAIN_ROW_COST * rows["train_rows"])
@@ -272,6 +311,8 @@ def main(argv=None) -> dict:
     p.add_argument("--dpo-lrs", default="1e-4,5e-4,2e-3")
     p.add_argument("--dpo-beta", type=float, default=0.0, help="without --tune-dpo: beta (0: the config's)")
     p.add_argument("--dpo-lr", type=float, default=5e-4, help="without --tune-dpo, with --dpo-beta: learning rate")
+    p.add_argument("--evaluate-runs", type=Path, default=None,
+                   help="score the finished run folders under this folder (trained elsewhere) instead of training")
     p.add_argument("--base", type=Path, default=None, help="base-model scores of an earlier call (its _base.json)")
     p.add_argument("--no-t-spm", default="", help="the no-t-conditioning SPM (default: train it first)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -327,6 +368,10 @@ def main(argv=None) -> dict:
              for b, lr in tune]
     if "no-t-spm" in rows and not args.no_t_spm:
         jobs.insert(0, dict(common, row="train-no-t-spm", seed=0, extra=SPM_QUICK if args.quick else []))
+    if args.evaluate_runs:  # score folders trained elsewhere; nothing is trained
+        jobs = [run_folder_job(d, prompts, validation, args.threads) for d in sorted(args.evaluate_runs.iterdir())
+                if (d / "lora").is_dir() and (d / "metrics.jsonl").is_file()]
+        tune = [j for j in jobs if j["row"].startswith("dpo-tune")]
     reused = [json.loads(line) for line in args.reuse.read_text().splitlines() if line.strip()] if args.reuse else []
     done = {(r["row"], r["seed"]) for r in reused}
     jobs = [j for j in jobs if (j["row"], j["seed"]) not in done]
@@ -336,7 +381,8 @@ def main(argv=None) -> dict:
     # Runs whose settings depend on earlier ones (the tuned Diffusion-DPO, the no-t judge's row) are
     # submitted as soon as what they need has finished; each finished run is written at once.
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pending = {pool.submit(train_no_t_spm if j["row"] == "train-no-t-spm" else run_one, j): j for j in jobs}
+        work = evaluate_run if args.evaluate_runs else run_one
+        pending = {pool.submit(train_no_t_spm if j["row"] == "train-no-t-spm" else work, j): j for j in jobs}
         while pending:
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in finished:
@@ -353,7 +399,7 @@ def main(argv=None) -> dict:
                 print(f"done {result['row']} seed {result['seed']} in {result['seconds']:.0f} s", flush=True)
                 if result["row"].startswith("dpo-tune"):
                     tuned.append(result)
-                    if len(tuned) == len(tune):
+                    if len(tuned) == len(tune) and not args.evaluate_runs:
                         best = max(tuned, key=lambda r: np.mean(r["utility"]))
                         print(f"Diffusion-DPO tuned on validation prompts: {best['overrides']}", flush=True)
                         for seed in range(args.seeds):
