@@ -8,6 +8,7 @@ empty or very long captions) are converted and counted. `DataReport` says what h
 
 from __future__ import annotations
 
+import base64
 import io
 import math
 from collections import Counter
@@ -61,12 +62,48 @@ def _pick_split(dsd, split: str, source):
 
 @dataclass
 class DataReport:
-    """What the loader did with the rows it saw."""
+    """What the loader did with the rows it saw.
 
-    counts: Counter = field(default_factory=Counter)
+    A row that carries its dataset index (a `_row` column, as train-spm adds) counts once per category
+    however often it is drawn (every epoch, and again after a resume); a row without one counts per draw.
+    """
+
+    counts: Counter = field(default_factory=Counter)  # per draw, rows without an index
+    rows: dict[str, np.ndarray] = field(default_factory=dict)  # category -> one flag per dataset row
+
+    def add(self, row: int | None, happened: Counter) -> None:
+        """Record what happened to one drawn row (`happened`: its categories)."""
+        if row is None:
+            self.counts.update(happened)
+            return
+        for category in happened:
+            flags = self.rows.get(category, np.zeros(0, bool))
+            if row >= len(flags):  # grown by doubling: the dataset's size need not be known
+                flags = np.concatenate([flags, np.zeros(max(row + 1 - len(flags), len(flags)), bool)])
+                self.rows[category] = flags
+            flags[row] = True
 
     def summary(self) -> dict[str, int]:
-        return dict(sorted(self.counts.items()))
+        total = Counter(self.counts)
+        total.update({k: int(v.sum()) for k, v in self.rows.items()})
+        return dict(sorted(total.items()))
+
+    def state(self) -> dict:
+        """JSON-able, for a checkpoint (a resumed run goes on counting) or for gathering across processes."""
+        return dict(counts=dict(self.counts), rows={k: [len(v), base64.b64encode(np.packbits(v)).decode()]
+                                                    for k, v in self.rows.items()})
+
+    def merge(self, state: dict) -> None:
+        """Add in another report's `state()`: per-draw counts add up, row flags are or-ed."""
+        self.counts.update(state.get("counts", {}))
+        for category, (n, packed) in state.get("rows", {}).items():
+            other = np.unpackbits(np.frombuffer(base64.b64decode(packed), np.uint8), count=n).astype(bool)
+            mine = self.rows.get(category, np.zeros(0, bool))
+            size = max(len(mine), len(other))
+            merged = np.zeros(size, bool)
+            merged[: len(mine)] |= mine
+            merged[: len(other)] |= other
+            self.rows[category] = merged
 
 
 def prompt_weights(captions: list[str]) -> np.ndarray:
@@ -123,23 +160,31 @@ class PairCollator:
     def __call__(self, rows: list[dict]) -> dict | None:
         keep = []
         for row in rows:
-            self.report.counts["rows seen"] += 1
-            label = _label(row, self.report)
-            if label is None:
-                continue
-            img0 = _decode(row["jpg_0"], self.report, self.resolution)
-            img1 = _decode(row["jpg_1"], self.report, self.resolution)
-            if img0 is None or img1 is None:
-                continue
-            caption = row.get("caption") or ""
-            if not caption.strip():
-                self.report.counts["empty caption (kept, unconditional)"] += 1
-            elif len(caption.split()) > self.max_words:
-                self.report.counts["long caption (truncated by the tokenizer)"] += 1
-            keep.append((img0, img1, caption, label, float(row.get("weight", 1.0))))
-        self.report.counts["pairs used"] += len(keep)
+            notes = DataReport()  # what happens to this row, recorded once per row below
+            item = self._item(row, notes)
+            if item is not None:
+                keep.append(item)
+                notes.counts["pairs used"] += 1
+            notes.counts["rows seen"] += 1
+            self.report.add(row.get("_row"), notes.counts)
         if not keep:
             return None
         img0, img1, captions, labels, weights = zip(*keep)
         return dict(img0=torch.stack(img0), img1=torch.stack(img1), captions=list(captions),
                     labels=torch.tensor(labels, dtype=torch.float32), weights=torch.tensor(weights, dtype=torch.float32))
+
+    def _item(self, row: dict, notes: DataReport) -> tuple | None:
+        """One row as (img0, img1, caption, label, weight), or None when it cannot be used (noted why)."""
+        label = _label(row, notes)
+        if label is None:
+            return None
+        img0 = _decode(row["jpg_0"], notes, self.resolution)
+        img1 = _decode(row["jpg_1"], notes, self.resolution)
+        if img0 is None or img1 is None:
+            return None
+        caption = row.get("caption") or ""
+        if not caption.strip():
+            notes.counts["empty caption (kept, unconditional)"] += 1
+        elif len(caption.split()) > self.max_words:
+            notes.counts["long caption (truncated by the tokenizer)"] += 1
+        return img0, img1, caption, label, float(row.get("weight", 1.0))

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from spo.clip import image_embeds, text_embeds
 from spo.errors import SPOError
 from spo.files import atomic_directory, atomic_write_text
+from spo.images import to_uint8
 from spo.world import architecture, prompts, scenes
 from spo.world.common import to_model_range, tokenize
 from spo.world.labels import LabelModel
@@ -95,7 +96,7 @@ def pretraining_data(n: int, seed: int) -> tuple[np.ndarray, list[str]]:
     for i in tqdm(range(n), desc="render scenes", leave=False):
         pool = singles if rng.uniform() < 0.5 else pairs
         spec = pool[rng.integers(len(pool))]
-        images[i] = scenes.to_uint8(scenes.training_example(spec, rng))
+        images[i] = to_uint8(scenes.training_example(spec, rng))
         captions.append(scenes.caption_of(spec))
     return images, captions
 
@@ -244,7 +245,9 @@ WORLD_ENTRIES = ("tokenizer", "clip", "sd", "preference", "pickscore", "spm_pref
 
 def _clear_world(out: Path) -> None:
     """--force: delete the world's own artifacts, and only in a folder that is a world (or empty)."""
-    children = list(out.iterdir())
+    from spo.runtime import LOCK_NAME
+
+    children = [c for c in out.iterdir() if c.name != LOCK_NAME]  # the lock this build holds stays
     foreign = [c.name for c in children if c.name.removesuffix(".partial") not in WORLD_ENTRIES]
     if foreign:
         raise SPOError(f"{out} holds files that are not a world's ({', '.join(sorted(foreign)[:3])}); "
@@ -254,7 +257,15 @@ def _clear_world(out: Path) -> None:
 
 
 def build(out: str | Path, cfg: BuildConfig, force: bool = False, log=print) -> dict:
-    """Run every stage not yet complete under `out`; returns the build report."""
+    """Run every stage not yet complete under `out`; returns the build report. One build per folder: `out`
+    is locked for the build (before --force deletes anything)."""
+    from spo.runtime import RunLock
+
+    with RunLock(out, option="--out", log=log):
+        return _build(Path(out), cfg, force, log)
+
+
+def _build(out: Path, cfg: BuildConfig, force: bool, log) -> dict:
     from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
     from spo.world import preference_data, report
