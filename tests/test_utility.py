@@ -6,6 +6,7 @@ import zlib
 import numpy as np
 import pytest
 
+from spo.images import to_uint8
 from spo.world import scenes
 from spo.world.utility import utility, utility_terms
 
@@ -122,7 +123,7 @@ def test_terms_are_bounded_and_uint8_matches_float():
         noisy = scenes.degrade(img, scene, scenes.Degradation(noise=0.05, blur=0.7), rng)
         terms = utility_terms(noisy, cap)
         assert all(0.0 <= v <= 1.0 for v in terms.values()), terms
-        u8 = scenes.to_uint8(noisy)
+        u8 = to_uint8(noisy)
         assert utility(u8, cap) == pytest.approx(utility(u8.astype(np.float32) / 255, cap))
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from spo.images import to_uint8
 from spo.world import scenes
 from spo.world.common import to_model_range
 from spo.world.labels import simulate_labels
@@ -29,7 +30,7 @@ COLUMNS = ("ranking_id", "user_id", "caption", "jpg_0", "jpg_1", "label_0", "lab
 
 def jpeg_bytes(image: np.ndarray, quality: int = 95) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(scenes.to_uint8(image)).save(buf, format="JPEG", quality=quality)
+    Image.fromarray(to_uint8(image)).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 

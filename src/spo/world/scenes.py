@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spo.images import to_uint8  # noqa: F401  (the world's renders convert like every other image)
 
 IMAGE_SIZE = 32
 SHAPES = ("circle", "square", "triangle", "diamond")
