@@ -17,7 +17,7 @@ $(BIN)/spo: pyproject.toml
 setup: $(BIN)/spo
 
 demo: setup
-	$(BIN)/spo demo --out runs/demo
+	$(BIN)/spo demo --out runs/demo --overwrite
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -180,3 +180,51 @@ def test_unknown_scorer_and_duplicate_models_fail_before_any_work(tiny_world, tm
     result = _evaluate(tmp_path / "o", "--model", f"a={tiny_world / 'sd'}", "--model", f"a={tiny_world / 'sd'}")
     assert isinstance(result.exception, SPOError) and "given twice" in str(result.exception)
     assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_a_damaged_or_foreign_cached_image_is_drawn_again_never_scored(tiny_world, tmp_path, monkeypatch):
+    """Truncated, empty, wrong-size and other-key PNGs in the cache are regenerated (and said so in one line);
+    the scores then equal those of a clean run, and the intact entry is not drawn again."""
+    from spo import generation
+    from spo.evaluation import expected_size
+
+    args = ["--model", f"base={tiny_world / 'sd'}", "--scorer", "world-utility", "--batch-size", "1",
+            "--cache-dir", tmp_path / "cache"]
+
+    def run(out):
+        result = CliRunner().invoke(cli, ["evaluate", "--num-prompts", "5", "--steps", str(STEPS), "--out",
+                                          str(out), *map(str, args)])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    run(tmp_path / "clean")
+    by_seed = {json.loads(Image.open(p).text["spo"])["seed"]: p for p in sorted((tmp_path / "cache").rglob("*.png"))}
+    clean = {seed: p.read_bytes() for seed, p in by_seed.items()}
+    size = Image.open(by_seed[0]).size
+    assert expected_size(ModelSpec("base", str(tiny_world / "sd"))) == size
+
+    by_seed[0].write_bytes(clean[0][: len(clean[0]) // 2])  # truncated
+    by_seed[1].write_bytes(b"")  # empty
+    with Image.open(by_seed[2]) as im:  # right metadata, wrong size
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        info.add_text("spo", im.text["spo"])
+        im.resize((size[0] * 2, size[1] * 2)).save(by_seed[2], pnginfo=info)
+    by_seed[3].write_bytes(clean[4])  # a valid image of this model, but of another prompt and seed
+
+    calls = []
+    real = generation.generate
+
+    def spy(pipe, prompts, seed, *a, **k):
+        calls.append(seed)
+        return real(pipe, prompts, seed, *a, **k)
+
+    monkeypatch.setattr(generation, "generate", spy)
+    log = run(tmp_path / "again")
+    assert sorted(calls) == [0, 1, 2, 3]  # seed 4 was intact
+    line = next(line for line in log.splitlines() if "failed verification" in line)
+    assert "regenerating 4 cached images" in line and "2 undecodable" in line and "1 wrong size" in line \
+        and "1 written under other settings" in line
+    assert {seed: p.read_bytes() for seed, p in by_seed.items()} == clean
+    assert _read_csv(tmp_path / "again" / "per_prompt.csv") == _read_csv(tmp_path / "clean" / "per_prompt.csv")

@@ -231,6 +231,39 @@ def test_collator_skips_and_counts_bad_rows_without_crashing():
     assert collate([rows[1]]) is None
 
 
+class _BrightnessJudge(torch.nn.Module):
+    """A stand-in base model for relabelling: prefers the brighter image, strongly."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(10.0))
+
+    def forward(self, images, captions, t):
+        return self.scale * images.mean(dim=(1, 2, 3))
+
+
+def test_relabelling_never_turns_an_invalid_row_into_a_label_or_a_tie():
+    """Labels 0/0 (or none) stay invalid, to be skipped and counted; valid rows take the judge's labels."""
+    import datasets
+
+    from spo.preference.data import PairCollator
+    from spo.preference.train_spm import _relabel
+
+    bright, dark = _jpeg(np.full((32, 32, 3), 255, np.uint8)), _jpeg(np.zeros((32, 32, 3), np.uint8))
+    ds = datasets.Dataset.from_dict(dict(
+        caption=["both zero", "judge disagrees", "no label", "same images"],
+        jpg_0=[bright, dark, bright, dark], jpg_1=[dark, bright, dark, dark],
+        label_0=[0.0, 1.0, None, 1.0], label_1=[0.0, 0.0, None, 0.0]))
+    for ties, kept in (("tie", [(0.0, 0.0), (0.0, 1.0), (None, None), (0.5, 0.5)]),
+                       ("drop", [(0.0, 0.0), (0.0, 1.0), (None, None)])):
+        out = _relabel(ds, _BrightnessJudge(), 32, threshold=0.1, ties=ties)
+        assert list(zip(out["label_0"], out["label_1"])) == kept
+    collate = PairCollator(resolution=32)
+    collate(list(_relabel(ds, _BrightnessJudge(), 32, threshold=0.1, ties="tie")))
+    counts = collate.report.summary()
+    assert counts["skipped: no label"] == 2 and counts["pairs used"] == 2
+
+
 def test_dataset_without_pick_a_pic_columns_is_refused(tmp_path):
     import datasets
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -10,6 +11,37 @@ from pathlib import Path
 import click
 
 from spo.errors import SPOError
+
+
+class _Finite(click.FloatRange):
+    """A float option that must also be finite: click's FloatRange lets nan (and inf) through."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{rv} is not a finite number", param, ctx)
+        return rv
+
+
+NONNEGATIVE = _Finite(min=0)  # guidance scales and DDIM eta
+SEED = click.IntRange(0)  # as train.seed: one convention for every seed of the project
+
+
+def _device(name: str | None) -> str | None:
+    """--device checked before any work: a typo or an absent GPU is one line, not a traceback mid-run."""
+    import torch
+
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SPOError(f"--device {name}: not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SPOError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    return name
 
 
 def _writable_dir(path: Path) -> Path:
@@ -41,10 +73,10 @@ def _run_config(cls, config_path, overrides, print_config: bool):
     paths = [o for o in overrides if "=" not in o and o.endswith((".yaml", ".yml"))]
     if paths:
         raise SPOError(f"{paths[0]} looks like a config file; pass it as --config {paths[0]}")
-    if config_path is None and not print_config:
+    cfg = load_config(cls, config_path, list(overrides))
+    if config_path is None and not print_config:  # after loading: a refusal stays the one line said
         click.echo("warning: no --config given; training on the built-in defaults (e.g. --config world, "
                    "--config sd15)", err=True)
-    cfg = load_config(cls, config_path, list(overrides))
     if print_config:
         click.echo(yaml.safe_dump(to_plain(cfg), sort_keys=False), nl=False)
         sys.exit(0)
@@ -68,6 +100,7 @@ def cli() -> None:
       spo train           post-train a diffusion model with SPO (LoRA or full), or --method diffusion-dpo
       spo generate        images for prompts, base and tuned side by side
       spo evaluate        models x scorers on a prompt set: means, CIs, win rates, grid
+      spo push            upload a run's LoRA folder to the Hugging Face hub
 
     \b
     Step-aware preference model:
@@ -83,7 +116,7 @@ def world() -> None:
 
 @world.command("build")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output directory (default: the packaged world).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--tiny", is_flag=True, help="Reduced sizes: every stage in well under a minute (for tests).")
 @click.option("--force", is_flag=True, help="Rebuild every stage even if already built.")
 def world_build(out: Path | None, seed: int, tiny: bool, force: bool) -> None:
@@ -113,8 +146,8 @@ def world_info(world_dir: Path | None) -> None:
 @click.option("--prompt", "prompts", multiple=True, help="Caption (repeatable). Default: held-out test prompts.")
 @click.option("-n", "--num", type=click.IntRange(1, 512), default=16, show_default=True, help="Images when no --prompt is given.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=20, show_default=True)
-@click.option("--guidance", type=float, default=5.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--guidance", type=NONNEGATIVE, default=5.0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/world-sample"), show_default=True)
 def world_sample(world_dir, prompts, num, steps, guidance, seed, out) -> None:
     """Sample from the world's diffusion model, save a captioned grid and print the true utility."""
@@ -135,13 +168,15 @@ def world_sample(world_dir, prompts, num, steps, guidance, seed, out) -> None:
               show_default=True, help="SPO recipe for the embedded world.")
 @click.option("--prompts", "n_prompts", type=click.IntRange(8), default=128, show_default=True,
               help="Held-out prompts to evaluate on.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier demo's run in OUT/train (only a demo's own).")
 @click.argument("overrides", nargs=-1)
-def demo(out: Path, config_path: Path, n_prompts: int, overrides: tuple[str, ...]) -> None:
+def demo(out: Path, config_path: Path, n_prompts: int, overwrite: bool, overrides: tuple[str, ...]) -> None:
     """The main job on the embedded default: SPO on the world, then base vs tuned on held-out prompts."""
     from spo.demo import run_demo
 
     out = _writable_dir(out)
-    report = run_demo(out, config_path, n_prompts, list(overrides), log=lambda m: click.echo(m, err=True))
+    report = run_demo(out, config_path, n_prompts, list(overrides), log=lambda m: click.echo(m, err=True),
+                      overwrite=overwrite)
     click.echo((out / "report.md").read_text())
     u = report["utility"]
     click.echo(f"ground-truth utility {u['before']:.3f} -> {u['after']:.3f} "
@@ -188,14 +223,14 @@ def train_spm_command(config_path, resume: str, overwrite: bool, print_config: b
 @click.option("--diffusion-model", default="world:sd", show_default=True)
 @click.option("--timesteps", default="0,250,500,750,950", show_default=True)
 @click.option("--max-pairs", type=click.IntRange(1), default=None)
-@click.option("--guidance", type=float, default=5.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--guidance", type=NONNEGATIVE, default=5.0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/evaluate-spm"), show_default=True)
 def evaluate_spm_command(spm_dirs, base, processor, dataset, split, diffusion_model, timesteps, max_pairs, guidance,
                          seed, out) -> None:
     """Accuracy vs timestep on held-out pairs: the base model used naively, and each SPM."""
     from spo import plugins
-    from spo.models import Diffusion, load_pipeline
+    from spo.models import load_diffusion
     from spo.preference.data import load_preference_dataset
     from spo.preference.evaluate_spm import build_models, check_timesteps, evaluate_spm, first_pairs, write_report
 
@@ -204,7 +239,7 @@ def evaluate_spm_command(spm_dirs, base, processor, dataset, split, diffusion_mo
     except ValueError:
         raise SPOError(f"--timesteps must be comma-separated integers, got {timesteps!r}") from None
     out = _writable_dir(out)
-    diffusion = Diffusion(load_pipeline(plugins.resolve(diffusion_model)))
+    diffusion = load_diffusion(plugins.resolve(diffusion_model))  # the family's adapter (SD, SDXL or SD3)
     check_timesteps(ts, diffusion)
     models = build_models(base, processor, list(spm_dirs) or ["world:spm"])
     pairs = first_pairs(load_preference_dataset(plugins.resolve(dataset), split), max_pairs)
@@ -239,26 +274,53 @@ def train(config_path, resume: str, overwrite: bool, method: str | None, print_c
       spo train --config configs/sd15.yaml --method diffusion-dpo dpo.dataset=yuvalkirstain/pickapic_v2
     """
     from spo.config import SPOConfig
-    from spo.trainer import Trainer
+    from spo.trainer import Trainer, run_summary
 
     cfg = _run_config(SPOConfig, config_path, list(overrides) + ([f"method={method}"] if method else []), print_config)
     _writable_dir(Path(cfg.log.output_dir).parent)
-    out = Trainer(cfg, overwrite=overwrite, resume=resume, log=lambda m: click.echo(m, err=True)).setup().train()
+    trainer = Trainer(cfg, overwrite=overwrite, resume=resume, log=lambda m: click.echo(m, err=True)).setup()
+    out = trainer.train()
     if out is None:  # stopped by a signal at a safe point, with a checkpoint
         click.echo(f"stopped; continue with: spo train ... --resume latest (log.output_dir={cfg.log.output_dir})")
         sys.exit(130)
-    click.echo(f"trained weights: {out}\nmetrics: {Path(cfg.log.output_dir) / 'metrics.jsonl'}\n"
-               f"curves: {Path(cfg.log.output_dir) / 'curves.png'}")
+    if trainer.acc.is_main_process:  # once, not once per process of a multi-GPU launch
+        click.echo(run_summary(cfg, out))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--repo-id", required=True, metavar="USER/NAME", help="Hub model repository (created if missing).")
+@click.option("--private", is_flag=True, help="Create the repository as private.")
+@click.option("--dry-run", is_flag=True, help="Check the folder and list what would be uploaded; no network.")
+def push(run_dir: Path, repo_id: str, private: bool, dry_run: bool) -> None:
+    """Upload a run's LoRA folder (weights, model card, spo_lora.json, training config) to the hub.
+
+    \b
+      spo push runs/spo-sd15 --repo-id alice/spo-sd15-lora --dry-run
+      spo push runs/spo-sd15 --repo-id alice/spo-sd15-lora --private
+    """
+    from spo.hub import push_lora
+
+    folder, files = push_lora(run_dir, repo_id, private=private, dry_run=dry_run)
+    listing = "\n".join(f"  {name}" for name in files)
+    if dry_run:
+        click.echo(f"would upload {len(files)} files of {folder} to {repo_id}:\n{listing}\n"
+                   f"(model card present, weights finite; run again without --dry-run to upload)")
+    else:
+        click.echo(f"uploaded {len(files)} files of {folder}:\n{listing}\nhttps://huggingface.co/{repo_id}")
 
 
 def _named_loras(specs) -> list[tuple[str, Path]]:
     """--lora [NAME=]PATH values as (unique name, existing path), all checked before any generation."""
+    from spo.lora import lora_info
+
     named = []
     for spec in specs:
         name, _, path = spec.partition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
         path = Path(path)
         if not path.is_dir():
             raise SPOError(f"--lora {spec}: {path} is not a directory (a LoRA or full-pipeline output of `spo train`)")
+        lora_info(path)  # a damaged spo_lora.json fails now, not after the base model's images
         named.append((name or path.name or str(path), path))
     names = [n for n, _ in named]
     dupes = sorted({n for n in names if names.count(n) > 1 or n == "base"})
@@ -278,9 +340,9 @@ def _named_loras(specs) -> list[tuple[str, Path]]:
 @click.option("--prompts", "prompt_file", default=None, help="Prompt file or set (txt/json/jsonl/csv, world:test, spo:4k).")
 @click.option("-n", "--num", type=click.IntRange(1), default=None, help="Use only the first N prompts.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=20, show_default=True)
-@click.option("--guidance", type=float, default=5.0, show_default=True)
-@click.option("--eta", type=float, default=0.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--guidance", type=NONNEGATIVE, default=5.0, show_default=True)
+@click.option("--eta", type=NONNEGATIVE, default=0.0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/generate"), show_default=True)
 def generate(pretrained, vae, loras, no_base, prompt_texts, prompt_file, num, steps, guidance, eta, seed, out) -> None:
     """Images for prompts from each model with the same seeds, and a captioned side-by-side grid."""
@@ -313,9 +375,9 @@ def generate(pretrained, vae, loras, no_base, prompt_texts, prompt_file, num, st
               help="Prompt file or set (txt/json/jsonl/csv, hub dataset, world:test, spo:4k).")
 @click.option("--num-prompts", type=click.IntRange(1), default=None, help="Use only the first N prompts (default: all).")
 @click.option("--steps", type=click.IntRange(1, 1000), default=20, show_default=True, help="DDIM steps.")
-@click.option("--guidance", type=float, default=5.0, show_default=True, help="Classifier-free guidance scale.")
-@click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM eta.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Prompt i is drawn from seed + i.")
+@click.option("--guidance", type=NONNEGATIVE, default=5.0, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--eta", type=NONNEGATIVE, default=0.0, show_default=True, help="DDIM eta.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Prompt i is drawn from seed + i.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--grid", "grid_prompts", type=click.IntRange(1), default=8, show_default=True,
               help="Prompts (columns) in grid.png.")
@@ -340,6 +402,7 @@ def evaluate(model_specs, scorer_specs, prompt_source, num_prompts, steps, guida
     from spo.prompts import load_prompts
     from spo.scorers import parse_scorer_spec
 
+    device = _device(device)
     models = [parse_model_spec(m) for m in model_specs or ["base=world:sd"]]
     for spec in scorer_specs:
         parse_scorer_spec(spec)  # unknown names fail before any work
@@ -369,14 +432,18 @@ def _print_figures(manifest: dict) -> None:
         click.echo(f"  {stage:<12} {seconds:8.1f}s")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The `spo` entry point; `argv` (default: sys.argv[1:]) lets tests run it in-process."""
     try:
-        cli.main(standalone_mode=False)
+        cli.main(args=argv, prog_name="spo" if argv is not None else None, standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
-        exc.show()
+        # One line like every other refusal: click's usage block would push the reason off the screen.
+        ctx = getattr(exc, "ctx", None)
+        where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        click.echo(f"error: {' '.join(exc.format_message().split())}{where}", err=True)
         sys.exit(exc.exit_code)
     except SPOError as exc:
         click.echo(f"error: {exc}", err=True)

@@ -18,15 +18,49 @@ from spo.evaluation import SPMScorer, clip_image_features, frechet_distance, pai
 from spo.files import atomic_write_text
 
 EVAL_SEED, REFERENCE_SEED = 10_000, 20_000
+DEMO_MARKER = "demo.json"  # OUT was made by `spo demo`, so --overwrite may replace its train/
 
 
 def run_demo(out: Path, config_path: Path, n_prompts: int = 128, overrides: list[str] | None = None,
-             log=print) -> dict:
+             log=print, overwrite: bool = False) -> dict:
+    """Train, evaluate and write the report folder `out` (locked for the run: one demo per folder).
+
+    A run already in OUT/train is replaced only when it is an earlier demo's and `overwrite` is given."""
+    from spo.runtime import RunLock
+
+    with RunLock(out, option="--out", log=log):
+        return _run_demo(Path(out), config_path, n_prompts, overrides, log, overwrite)
+
+
+def check_demo_output(out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, to write over OUT/train unless it is an earlier demo's run and --overwrite
+    was given; a folder no demo wrote is never replaced (whatever the flags)."""
+    from spo.errors import SPOError
+
+    train = out / "train"
+    if not train.is_dir() or not any(train.iterdir()):
+        return
+    if not _is_demo_output(out):
+        raise SPOError(f"{train} holds files that `spo demo` did not write; choose another --out")
+    if not overwrite:
+        raise SPOError(f"{out} already holds a demo run; pass --overwrite to replace it, or choose another --out")
+
+
+def _is_demo_output(out: Path) -> bool:
+    """OUT carries the demo's marker (or, from before the marker, the report an earlier demo wrote)."""
+    report = out / "report.md"
+    return (out / DEMO_MARKER).is_file() or (report.is_file() and report.read_text(errors="replace").startswith(
+        "# SPO on the embedded world"))
+
+
+def _run_demo(out: Path, config_path: Path, n_prompts: int, overrides: list[str] | None, log,
+              overwrite: bool = False) -> dict:
     from spo.config import load_config
     from spo.config import SPOConfig
     from spo.trainer import Trainer
     from spo.world import open_world
 
+    check_demo_output(out, overwrite)
     world = open_world()
     if not (world / "spm").is_dir():
         from spo.errors import SPOError
@@ -35,7 +69,9 @@ def run_demo(out: Path, config_path: Path, n_prompts: int = 128, overrides: list
                        f"`spo train-spm --config configs/spm_world.yaml log.output_dir=...` and copy its spm/ there")
     t0 = time.time()
     cfg = load_config(SPOConfig, config_path, list(overrides or []) + [f"log.output_dir={out / 'train'}"])
-    lora = Trainer(cfg, overwrite=True, log=log).setup().train()
+    atomic_write_text(out / DEMO_MARKER, '{"written_by": "spo demo"}\n')  # train/ is ours to replace next time
+    # The Trainer replaces an old run only once the new one has loaded, and only a folder with its marker.
+    lora = Trainer(cfg, overwrite=overwrite, log=log).setup().train()
     if lora is None:
         from spo.errors import SPOError
 

@@ -11,6 +11,7 @@ import csv
 import hashlib
 import io
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -168,9 +169,69 @@ def _fingerprint(path: str) -> str | None:
 
 def image_key(identity: dict, prompt: str, seed: int, sampler: Sampler) -> str:
     """The cache key of one image: everything the pixels depend on, hashed."""
-    settings = dict(asdict(sampler), seed=seed)
+    return _key(identity, prompt, dict(asdict(sampler), seed=seed))
+
+
+def _key(identity: dict, prompt: str, settings: dict) -> str:
     blob = json.dumps(dict(model=identity, prompt=prompt, sampler=settings), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _meta_key(meta) -> str | None:
+    """The key that a cached PNG's own metadata (written by `_write_png`) describes; None if it has none."""
+    try:
+        return _key(meta["model"], meta["prompt"], dict(meta["sampler"], seed=meta["seed"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def cache_problem(path: Path, key: str, size: tuple[int, int] | None) -> str | None:
+    """Why a cached image must not be scored (None when it may): it must decode whole, carry the metadata
+    it was written with, for exactly this key, and have the model's size (when known)."""
+    try:
+        with Image.open(path) as im:
+            im.verify()  # chunk checksums; PIL needs a fresh open after verify
+        with Image.open(path) as im:
+            im.load()  # a truncated file fails here
+            got, text = im.size, dict(getattr(im, "text", {}))
+    except Exception:  # PIL raises many types for empty, truncated or garbage files
+        return "undecodable"
+    try:
+        meta = json.loads(text.get("spo", ""))
+    except ValueError:
+        meta = None
+    if _meta_key(meta) != key:
+        return "written under other settings"
+    if size is not None and got != size:
+        return "wrong size"
+    return None
+
+
+def expected_size(model: ModelSpec) -> tuple[int, int] | None:
+    """(width, height) the model draws at by default, read from its pipeline's config files (a local folder,
+    or the hub cache); None when they cannot be read, and the size is then not checked."""
+    from spo.plugins import resolve
+
+    full = model.lora and (Path(model.lora) / "model_index.json").is_file()
+    root = model.lora if full else resolve(model.pretrained)
+    try:
+        unet = json.loads(_pipeline_file(root, "unet/config.json").read_text())
+        vae = json.loads(_pipeline_file(root, "vae/config.json").read_text())
+        side = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)  # as diffusers' pipelines
+    except Exception:  # no such file, a hub id not in the cache, an unusual config
+        return None
+    return side, side
+
+
+def _pipeline_file(root: str, name: str) -> Path:
+    if Path(root).is_dir():
+        return Path(root) / name
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(root, name)
+    if not isinstance(found, str):
+        raise FileNotFoundError(name)
+    return Path(found)
 
 
 def _chunks(indices: list[int], size: int) -> list[tuple[int, int]]:
@@ -195,9 +256,16 @@ def cached_images(model: ModelSpec, prompts: list[str], sampler: Sampler, cache_
     from spo import generation
 
     identity = model.identity()
-    paths = [cache_dir / k[:2] / f"{k}.png"
-             for k in (image_key(identity, p, sampler.seed + i, sampler) for i, p in enumerate(prompts))]
-    todo = [i for i, path in enumerate(paths) if not path.is_file()]
+    keys = [image_key(identity, p, sampler.seed + i, sampler) for i, p in enumerate(prompts)]
+    paths = [cache_dir / k[:2] / f"{k}.png" for k in keys]
+    size = expected_size(model)
+    # Every cached image is checked before it is used: a damaged or foreign file is drawn again, never scored.
+    problems = {i: cache_problem(path, keys[i], size) for i, path in enumerate(paths) if path.is_file()}
+    bad = Counter(why for why in problems.values() if why)
+    todo = [i for i in range(len(paths)) if problems.get(i, "missing")]
+    if bad:
+        log(f"[evaluate] {model.name}: regenerating {sum(bad.values())} cached images that failed verification "
+            f"({', '.join(f'{n} {why}' for why, n in sorted(bad.items()))})")
     log(f"[evaluate] {model.name}: {len(prompts) - len(todo)} of {len(prompts)} images cached, generating {len(todo)}")
     if todo:
         pipe = _pipeline_for(model, device)
@@ -217,13 +285,13 @@ def read_images(paths: list[Path]) -> np.ndarray:
 
 def _pipeline_for(model: ModelSpec, device: str | None):
     import torch
-    from diffusers import DDIMScheduler
-
     from spo import generation
+    from spo.models import SAMPLING_SCHEDULERS, pipeline_family
 
     pipe = generation.load_model(model.pretrained, model.lora)
-    if not isinstance(pipe.scheduler, DDIMScheduler):
-        raise SPOError(f"{model.spec} samples with {type(pipe.scheduler).__name__}; evaluation uses DDIM")
+    expected = SAMPLING_SCHEDULERS[pipeline_family(pipe)]
+    if type(pipe.scheduler).__name__ != expected:
+        raise SPOError(f"{model.spec} samples with {type(pipe.scheduler).__name__}; evaluation uses {expected}")
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 
 from spo.errors import SPOError
@@ -128,13 +129,21 @@ class StepAwareCLIP(nn.Module):
         if not (path / SPM_CONFIG).is_file():
             raise SPOError(f"{path} is not a saved step-aware preference model (no {SPM_CONFIG}); "
                            "train one with `spo train-spm` or start from a CLIP with --base")
-        raw = json.loads((path / SPM_CONFIG).read_text())
-        if raw.get("format") != SPM_FORMAT:
-            raise SPOError(f"{path / SPM_CONFIG} has format {raw.get('format')}, this version reads {SPM_FORMAT}")
-        config = SPMConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+        hint = "copy the folder again or retrain it with `spo train-spm`"
+        try:
+            raw = json.loads((path / SPM_CONFIG).read_text(encoding="utf-8"))
+            if raw.get("format") != SPM_FORMAT:
+                raise SPOError(f"{path / SPM_CONFIG} has format {raw.get('format')}, this version reads {SPM_FORMAT}")
+            config = SPMConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+        except (ValueError, TypeError, AttributeError) as exc:  # not JSON, not an object, or unknown fields
+            raise SPOError(f"{path / SPM_CONFIG} is corrupt ({' '.join(str(exc).split())[:120]}); {hint}") from None
         model = cls(_load(CLIPModel, path, "CLIP model"), _load_tokenizer(path), config)
         if model.conditioning is not None:
-            model.conditioning.load_state_dict(load_file(str(path / SPM_WEIGHTS)))
+            try:
+                model.conditioning.load_state_dict(load_file(str(path / SPM_WEIGHTS)))
+            except (OSError, RuntimeError, SafetensorError) as exc:  # missing, truncated, or other shapes
+                raise SPOError(f"could not load {path / SPM_WEIGHTS} ({' '.join(str(exc).split())[:120]}); "
+                               f"{hint}") from None
         return model
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -234,7 +243,7 @@ def _processor_for(config: SPMConfig):
 def _load(cls, path, what: str):
     try:
         return cls.from_pretrained(path)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # missing files, bad JSON, truncated weights
         raise SPOError(f"could not load the {what} from {path}: {str(exc).splitlines()[0][:200]}") from None
 
 
