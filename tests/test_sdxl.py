@@ -206,7 +206,7 @@ def test_a_checkpoint_shipped_with_another_scheduler_samples_with_ddim_on_its_no
 
 
 def test_checkpoints_of_other_pipeline_classes_are_refused_clearly(sdxl_dir, tmp_path):
-    for name in ("StableDiffusion3Pipeline", "StableDiffusionXLImg2ImgPipeline"):
+    for name in ("FluxPipeline", "StableDiffusionXLImg2ImgPipeline"):
         fake = tmp_path / name
         fake.mkdir()
         (fake / "model_index.json").write_text(json.dumps({"_class_name": name}))
@@ -296,10 +296,12 @@ def test_a_lora_of_the_other_family_is_refused(sdxl_dir, tmp_path):
 
 
 def test_the_family_adapter_is_the_only_family_specific_code():
-    """SD and SDXL share the resampler, the losses, the trainer and SPM training: only models.py
-    (the adapter and the loader) names anything SDXL-specific."""
+    """SD, SDXL and SD3 share the resampler, the losses, the trainer and SPM training: only models.py
+    (the adapters and the loader) names anything SDXL- or SD3-specific."""
     src = Path(__file__).parents[1] / "src" / "spo"
-    markers = ("StableDiffusionXL", "text_encoder_2", "added_cond_kwargs", "time_ids")
+    markers = ("StableDiffusionXL", "text_encoder_2", "added_cond_kwargs", "time_ids",
+               "StableDiffusion3", "SD3Transformer", "text_encoder_3", "pooled_projections", "transformer_lora",
+               "FlowMatchEuler", "shift_factor", 'family == "sd', "family == 'sd")
     specific = sorted(str(p.relative_to(src)) for p in src.rglob("*.py")
                       if any(m in p.read_text() for m in markers))
     assert specific == ["models.py"], specific

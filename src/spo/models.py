@@ -5,7 +5,9 @@ encoding, conditioning, resolution) lives here, and the rest of the library only
 SD 1.x/2.x condition the UNet on one text encoder's hidden states; SDXL concatenates two text
 encoders' hidden states and adds the pooled embedding of the second and the image-size
 micro-conditioning (`add_time_ids`). Both travel in one `Conditioning`, so the resampler, the
-losses, the trainer and the SPM training never ask which family they run.
+losses, the trainer and the SPM training never ask which family they run. SD3/SD3.5 (`FlowDiffusion`)
+are rectified-flow transformers: three text encoders (T5 optional), pooled projections, and flow
+transitions (`spo.flow_sampling`) in place of DDIM's.
 """
 
 from __future__ import annotations
@@ -17,14 +19,17 @@ from pathlib import Path
 import torch
 
 from spo.errors import SPOError
-from spo.sampling import add_noise, ddim_schedule, ddim_transition, predict_x0
+from spo.flow_sampling import FLOW_SAMPLERS, flow_noised, flow_x0
+from spo.sampling import add_noise, ddim_schedule, ddim_transition, predict_x0, work_dtype
 
 # The pipeline classes spo trains, by the `_class_name` a checkpoint's model_index.json declares.
-FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
+# The scheduler each family samples with (load_pipeline puts it in place): DDIM, or the flow models' Euler.
+SAMPLING_SCHEDULERS = {"sd": "DDIMScheduler", "sdxl": "DDIMScheduler", "sd3": "FlowMatchEulerDiscreteScheduler"}
 
 
 def checkpoint_family(path_or_id: str | Path) -> str:
-    """The family, "sd" or "sdxl", read from the checkpoint itself: a config never has to say which."""
+    """The family, "sd", "sdxl" or "sd3", read from the checkpoint itself: a config never has to say which."""
     from diffusers import DiffusionPipeline
 
     local = Path(path_or_id)
@@ -38,18 +43,26 @@ def checkpoint_family(path_or_id: str | Path) -> str:
     name = index.get("_class_name", "")
     if name not in FAMILIES:
         raise SPOError(f"{path_or_id} holds a {name or 'pipeline of unknown class'}; spo trains "
-                       f"{' and '.join(FAMILIES)} checkpoints (SD 1.x/2.x and SDXL base)")
+                       f"{', '.join(FAMILIES)} checkpoints (SD 1.x/2.x, SDXL base, SD3/SD3.5)")
     return FAMILIES[name]
 
 
+def pipeline_family(pipe) -> str:
+    """The family of a loaded pipeline ("sd" for a class spo does not know, as before SDXL existed)."""
+    return FAMILIES.get(type(pipe).__name__, "sd")
+
+
 def load_pipeline(path_or_id: str | Path, dtype: torch.dtype | None = None, vae: str | Path | None = None):
-    """An SD or SDXL pipeline (the family is read from the checkpoint), optionally with a separate VAE.
+    """An SD, SDXL or SD3 pipeline (the family is read from the checkpoint), optionally with a separate VAE.
 
     `vae` is an AutoencoderKL (hub id, its own directory, or a pipeline directory with a vae/
     folder), e.g. madebyollin/sdxl-vae-fp16-fix: SDXL's own VAE overflows in fp16.
     """
     from diffusers import (
         DDIMScheduler,
+        DiffusionPipeline,
+        FlowMatchEulerDiscreteScheduler,
+        StableDiffusion3Pipeline,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
     )
@@ -60,13 +73,19 @@ def load_pipeline(path_or_id: str | Path, dtype: torch.dtype | None = None, vae:
         kwargs["vae"] = load_vae(vae, dtype)
     if family == "sd":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    if family == "sd3":  # components saved as absent (T5: text_encoder_3, tokenizer_3) load as None
+        index = DiffusionPipeline.load_config(str(path_or_id))
+        kwargs.update({k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]})
+    cls = {"sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline}.get(family, StableDiffusionPipeline)
     try:
         pipe = cls.from_pretrained(str(path_or_id), **kwargs)
     except Exception as exc:  # diffusers raises many exception types for missing or corrupt models
         raise SPOError(f"could not load a Stable Diffusion pipeline from {path_or_id!r} "
                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
-    if not isinstance(pipe.scheduler, DDIMScheduler):
+    if family == "sd3":
+        if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):  # flow transitions need its sigmas
+            pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    elif not isinstance(pipe.scheduler, DDIMScheduler):
         # SPO's transitions are DDIM's (spo.sampling), but SD 1.5 ships PNDM and SDXL Euler: keep the
         # checkpoint's noise schedule, with SD's DDIM settings where its config does not say.
         pipe.scheduler = DDIMScheduler.from_config({"clip_sample": False, "set_alpha_to_one": False,
@@ -151,6 +170,21 @@ def guided_output(unet, x_t: torch.Tensor, t: torch.Tensor, cond, uncond, guidan
     return out_uncond + guidance * (out_cond - out_uncond)
 
 
+def check_lora_targets(network, targets: list[str]) -> None:
+    """Every name in model.lora_targets adapts some module (peft's rule: the name or a dotted suffix of it).
+
+    peft fails with a traceback when no name matches and silently skips a misspelt one among good ones.
+    """
+    if not targets:
+        raise SPOError("model.lora_targets is empty; name the modules that get adapters, e.g. to_q,to_k,to_v,to_out.0")
+    names = [n for n, _ in network.named_modules() if n]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n.rsplit(".", 1)[-1].startswith(("to_", "proj"))})
+        raise SPOError(f"model.lora_targets: {', '.join(unmatched)} matches no module of {type(network).__name__}; "
+                       f"use module names such as {', '.join(leaves[:8]) or 'to_q, to_k, to_v, to_out.0'}")
+
+
 @dataclass
 class Diffusion:
     """A frozen-or-trainable SD or SDXL model seen through the operations SPM and SPO need."""
@@ -160,6 +194,18 @@ class Diffusion:
     @property
     def family(self) -> str:
         return "sdxl" if getattr(self.pipe, "text_encoder_2", None) is not None else "sd"
+
+    def configure_sampling(self, sample) -> None:
+        """Family-specific sampler settings of a `SampleConfig` (none for DDIM: sample.eta is passed per call)."""
+
+    @staticmethod
+    def lora_save_kwargs(network) -> dict:
+        """The trained network's LoRA as `save_lora_weights` keyword arguments (UNet keys in diffusers' format)."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(network))
+        return {"unet_lora_layers": layers, "unet_lora_adapter_metadata": lora_metadata(network)}
 
     def frozen_modules(self) -> list:
         """The parts that never train: the VAE and the text encoder(s)."""
@@ -274,11 +320,150 @@ class Diffusion:
             return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample.clamp(-1, 1)
 
 
-# The adapter class of each family; a new family registers its own here (e.g. a flow-matching adapter).
-ADAPTERS: dict[str, type] = {"sd": Diffusion, "sdxl": Diffusion}
+def lora_metadata(network) -> dict:
+    """The adapter's peft config (lora_alpha included: without it diffusers would reload alpha = rank)."""
+    metadata = network.peft_config["default"].to_dict()
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
 
 
-def load_diffusion(path_or_id: str | Path, vae: str | Path | None = None, dtype: torch.dtype | None = None):
-    """The model-family adapter for a checkpoint: its pipeline loaded, wrapped by the family's adapter."""
+@dataclass
+class FlowDiffusion(Diffusion):
+    """SD3 / SD3.5: a rectified-flow transformer (x_t = (1 − t)·x0 + t·ε, output v = ε − x0).
+
+    Conditioning: CLIP-L and CLIP-G hidden states (padded to T5's width) followed by T5's, or zeros when
+    the checkpoint has no T5 (as StableDiffusion3Pipeline does), and both CLIPs' pooled projections.
+    Timesteps are the scheduler's, 1000·t for flow time t in [0, 1] (SD3's shift included), so the step
+    judge and SPM training see the same 0..1000 scale as with DDIM. Transitions: Flow-GRPO's SDE with noise
+    level eta·sample.flow_noise_level, or the DDIM-style flow step with sample.eta (sample.flow_sampler).
+    """
+
+    sampler: str = "sde"
+    noise_level: float = 0.7
+
+    @property
+    def family(self) -> str:
+        return "sd3"
+
+    def configure_sampling(self, sample) -> None:
+        self.sampler = getattr(sample, "flow_sampler", self.sampler)
+        self.noise_level = getattr(sample, "flow_noise_level", self.noise_level)
+
+    def frozen_modules(self) -> list:
+        parts = (self.pipe.vae, self.pipe.text_encoder, self.pipe.text_encoder_2, self.pipe.text_encoder_3)
+        return [m for m in parts if m is not None]
+
+    @property
+    def unet(self):
+        """The trained network: SD3's transformer (the name is the seam's)."""
+        return self.pipe.transformer
+
+    @unet.setter
+    def unet(self, model) -> None:
+        self.pipe.transformer = model
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.transformer.device
+
+    @property
+    def resolution(self) -> int:
+        return self.pipe.transformer.config.sample_size * self.pipe.vae_scale_factor
+
+    @staticmethod
+    def lora_save_kwargs(network) -> dict:
+        from peft.utils import get_peft_model_state_dict
+
+        return {"transformer_lora_layers": get_peft_model_state_dict(network),
+                "transformer_lora_adapter_metadata": lora_metadata(network)}
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> tuple[Conditioning, Conditioning]:
+        """(conditional, unconditional) as the pipeline builds them: the empty prompt is the unconditional."""
+        cond, uncond, pooled, pooled_uncond = self.pipe.encode_prompt(
+            list(prompts), None, None, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=True)
+        return Conditioning(cond, pooled), Conditioning(uncond, pooled_uncond)
+
+    def guided_output(self, x_t, t, cond, uncond, guidance: float, model=None) -> torch.Tensor:
+        """The guided velocity (x_t first and positional: the trainer's row counter reads args[0])."""
+        model = model if model is not None else self.unet
+
+        def call(x, tt, c):
+            return model(x, encoder_hidden_states=c.embeds, pooled_projections=c.pooled,
+                         timestep=tt.float(), return_dict=False)[0]
+
+        cond = as_conditioning(cond)
+        if guidance == 1.0:
+            return call(x_t, t, cond)
+        out_uncond, out_cond = call(torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([uncond, cond])).chunk(2)
+        return out_uncond + guidance * (out_cond - out_uncond)
+
+    def _flow_time(self, t, like: torch.Tensor) -> torch.Tensor:
+        """Scheduler timesteps (0..num_train_timesteps) -> flow time in [0, 1]."""
+        t = torch.as_tensor(t, device=like.device).to(work_dtype(like))
+        return t / self.scheduler.config.num_train_timesteps
+
+    def schedule(self, num_steps: int) -> list[tuple[float, float]]:
+        """The pipeline's own (shifted) timesteps; the last step leads to t_prev = 0, the clean sample."""
+        s = type(self.scheduler).from_config(self.scheduler.config)
+        kwargs = {}
+        if s.config.get("use_dynamic_shifting", False):  # resolution-dependent shift, as the pipeline computes it
+            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+            c, tokens = s.config, (self.unet.config.sample_size // self.unet.config.patch_size) ** 2
+            kwargs["mu"] = calculate_shift(tokens, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                                           c.get("base_shift", 0.5), c.get("max_shift", 1.16))
+        s.set_timesteps(num_steps, **kwargs)
+        t = s.timesteps.tolist()
+        prev = (s.sigmas[1 : len(t) + 1] * s.config.num_train_timesteps).tolist()
+        return list(zip(t, prev))
+
+    def initial_latents(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        cfg = self.unet.config
+        shape = (batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        return torch.randn(shape, generator=generator).to(self.device)
+
+    def transition(self, model_output, t, t_prev, x_t, eta: float):
+        level = eta * self.noise_level if self.sampler == "sde" else eta
+        step = FLOW_SAMPLERS[self.sampler]
+        return step(model_output, self._flow_time(t, x_t), self._flow_time(t_prev, x_t), x_t, level)
+
+    def x0_prediction(self, x_t, model_output, t) -> torch.Tensor:
+        return flow_x0(x_t, model_output, self._flow_time(t, x_t))
+
+    def noised(self, x0, noise, t) -> torch.Tensor:
+        return flow_noised(x0, noise, self._flow_time(t, x0))
+
+    def _vae_shift(self) -> float:
+        return self.vae.config.get("shift_factor", None) or 0.0
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(device=self.device, dtype=self.vae.dtype)
+        with self._vae_precision():
+            mean = self.vae.encode(images).latent_dist.mean
+        return (mean - self._vae_shift()) * self.vae.config.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + self._vae_shift()
+        with self._vae_precision():
+            return self.vae.decode(latents).sample.clamp(-1, 1)
+
+
+# The adapter class of each family; a new family registers its own here.
+ADAPTERS: dict[str, type] = {"sd": Diffusion, "sdxl": Diffusion, "sd3": FlowDiffusion}
+
+
+def lora_save_kwargs(pipeline_cls, network) -> dict:
+    """`pipeline_cls.save_lora_weights` keyword arguments holding `network`'s LoRA, in its family's format."""
+    return ADAPTERS[FAMILIES.get(pipeline_cls.__name__, "sd")].lora_save_kwargs(network)
+
+
+def load_diffusion(path_or_id: str | Path, vae: str | Path | None = None, dtype: torch.dtype | None = None,
+                   sample=None):
+    """The model-family adapter for a checkpoint: its pipeline loaded, wrapped by the family's adapter;
+    `sample` (a SampleConfig) gives family-specific sampler settings (the flow sampler and its noise level)."""
     pipe = load_pipeline(path_or_id, dtype=dtype, vae=vae)
-    return ADAPTERS[FAMILIES[type(pipe).__name__]](pipe)
+    adapter = ADAPTERS[FAMILIES[type(pipe).__name__]](pipe)
+    if sample is not None:
+        adapter.configure_sampling(sample)
+    return adapter

@@ -107,7 +107,7 @@ def _score_candidates(diffusion, judge, candidates, t_next, cond, uncond, guidan
     if t_next is None:  # final step: the candidates are clean latents
         images, out, t_score = diffusion.decode(candidates), None, 0
     else:
-        tb = torch.full((len(candidates),), int(t_next), device=candidates.device, dtype=torch.long)
+        tb = torch.full((len(candidates),), t_next, device=candidates.device)  # the schedule's type: int or float
         images, out = diffusion.x0_images(candidates, tb, cond, uncond, guidance)
         t_score = int(t_next)
     device = _judge_device(judge, candidates.device)
@@ -134,12 +134,12 @@ def resample(diffusion, judge, prompts: list[str], num_steps: int, guidance: flo
     x = diffusion.initial_latents(b, generator).to(cond.dtype)
 
     def model_out(latents, t, c, u):
-        tb = torch.full((len(latents),), int(t), device=device, dtype=torch.long)
+        tb = torch.full((len(latents),), t, device=device)  # DDIM's integer steps, or a flow model's float times
         return diffusion.guided_output(latents, tb, c, u, guidance)
 
     def transition(latents, out, i):
         t, t_prev = schedule[i]
-        tb = torch.full((len(latents),), t, device=device, dtype=torch.long)
+        tb = torch.full((len(latents),), t, device=device)
         mean, std, _ = diffusion.transition(out, tb, torch.full_like(tb, t_prev), latents, eta)
         return mean, std
 
