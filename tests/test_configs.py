@@ -51,3 +51,19 @@ def test_spm_config_ranges():
         load_config(SPMTrainConfig, CONFIGS / "spm_world.yaml", ["train.t_min=10", "train.t_max=5"])
     with pytest.raises(Exception, match="log.log_every must be >= 1"):
         load_config(SPMTrainConfig, CONFIGS / "spm_world.yaml", ["log.log_every=0"])
+
+
+def test_resume_changes_name_the_fields_and_ignore_settings_added_later_at_their_default():
+    from spo.config import SPOConfig, load_config, resume_changes, to_plain
+
+    cfg = load_config(SPOConfig, "configs/world.yaml", [])
+    saved = to_plain(cfg)
+    assert resume_changes(saved, cfg) == []
+    longer = load_config(SPOConfig, "configs/world.yaml", ["train.num_epochs=99", "log.log_every=7"])
+    assert resume_changes(saved, longer) == []  # the run's length and log.* may change on resume
+    changed = load_config(SPOConfig, "configs/world.yaml", ["train.learning_rate=0.5", "sample.num_candidates=8"])
+    assert resume_changes(saved, changed) == ["sample.num_candidates: 4 -> 8", "train.learning_rate: 0.0005 -> 0.5"]
+    del saved["model"]["init_lora"]  # a run started before the setting existed
+    assert resume_changes(saved, cfg) == []
+    assert resume_changes(saved, load_config(SPOConfig, "configs/world.yaml", ["model.init_lora=x"])) == [
+        "model.init_lora: (unset) -> 'x'"]

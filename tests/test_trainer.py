@@ -220,7 +220,7 @@ def test_bad_inputs_fail_clearly_and_overwrite_nothing(tiny_world, tiny_spm, tmp
     proc = _cli(*args(out, "train.learning_rate=0.5"))
     assert proc.returncode != 0 and "already holds a run" in proc.stderr
     proc = _cli(*args(out, "train.learning_rate=0.5"), "--resume", "latest")
-    assert proc.returncode != 0 and "different config" in proc.stderr
+    assert proc.returncode != 0 and "different config" in proc.stderr and "train.learning_rate:" in proc.stderr
     assert (out / "lora" / "pytorch_lora_weights.safetensors").read_bytes() == weights
     assert CliRunner().invoke(cli, [*args(out, "train.learning_rate=0.5"), "--overwrite"]).exit_code == 0
 

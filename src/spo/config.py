@@ -63,6 +63,7 @@ def field_help(cls, prefix: str = "") -> list[tuple[str, str, object]]:
 MIXED_PRECISION = ("no", "fp16", "bf16")
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+OPTIMIZERS = ("adamw", "adamw8bit")
 DEFAULT_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
@@ -82,6 +83,11 @@ class LogConfig:
     validation_prompts: list[str] = setting([], "spo train: prompts drawn with fixed seeds every validation_steps")
     validation_steps: int = setting(0, "spo train: draw the validation prompts every N optimizer steps (0 = off)",
                                     ge=0)
+    tracker_project: str = setting("spo", "tracker project (wandb project; groups the runs of one study)")
+    run_name: str = setting("", "tracker run name (wandb name, TensorBoard folder logs/RUN_NAME); empty = the "
+                            "output_dir's name")
+    push_to_hub: bool = setting(False, "spo train: upload the LoRA folder to log.hub_repo_id at the end (as `spo push`)")
+    hub_repo_id: str = setting("", "hub model repository USER/NAME that push_to_hub uploads to")
 
 
 # ------------------------------------------------------------------ spo train
@@ -89,21 +95,32 @@ class LogConfig:
 
 @dataclass
 class ModelConfig:
-    pretrained: str = setting("world:sd", "SD or SDXL diffusers pipeline (family read from it): hub id, dir, world:sd")
+    pretrained: str = setting("world:sd", "SD, SDXL or SD3 diffusers pipeline (family read from it): hub id, dir, "
+                              "world:sd")
     vae: str = setting("", "separate VAE replacing the pipeline's (e.g. madebyollin/sdxl-vae-fp16-fix); empty = own")
     spm: str = setting("world:spm", "step judge: an SPM dir (`spo train-spm`), authors:CKPT, a CLIP dir (naive), or "
                        "scorer:NAME (any registered scorer on the x0-predictions, e.g. scorer:world-utility)")
     use_lora: bool = setting(True, "False: full fine-tuning (the reference is then a frozen copy)")
     lora_rank: int = setting(4, "LoRA rank", ge=1)
     lora_alpha: float = setting(4.0, "LoRA alpha, saved in the LoRA metadata; equal to the rank keeps a scale of 1", gt=0)
-    lora_targets: list[str] = setting(DEFAULT_LORA_TARGETS, "module names that get LoRA adapters")
+    lora_targets: list[str] = setting(DEFAULT_LORA_TARGETS, "module names that get LoRA adapters (the default "
+                                      "adapts every family's attention; SD3 recipes add add_q_proj,add_k_proj,"
+                                      "add_v_proj,to_add_out)")
     gradient_checkpointing: bool = setting(False, "trade compute for memory in the trained network")
+    init_lora: str = setting("", "start from this LoRA folder of `spo train` (same base, rank, alpha, targets) "
+                             "instead of fresh adapters; empty = fresh")
 
 
 @dataclass
 class SampleConfig:
     num_steps: int = setting(20, "DDIM steps", ge=1)
-    eta: float = setting(1.0, "DDIM eta; > 0 so that each step is a Gaussian transition", gt=0)
+    eta: float = setting(1.0, "DDIM eta; > 0 so that each step is a Gaussian transition (flow models: scales "
+                         "the flow sampler's noise)", gt=0)
+    flow_sampler: str = setting("sde", "flow models (SD3): sde (Flow-GRPO's SDE, the ODE's marginals) | ddim "
+                                "(DDIM-style flow step, eta-parameterised; its last step is deterministic)",
+                                choices=("sde", "ddim"))
+    flow_noise_level: float = setting(0.7, "flow models, flow_sampler=sde: noise level a of sigma_t = "
+                                      "a*sqrt(t/(1-t)), times eta (Flow-GRPO's SD3 value 0.7)", gt=0, le=5)
     guidance_scale: float = setting(5.0, "classifier-free guidance, in sampling and in training", ge=0)
     num_candidates: int = setting(4, "K candidates per diverted step (a pair needs two)", ge=2)
     threshold: float = setting(0.3, "keep a pair only if its preference gap (keep_rule) exceeds this", ge=0, lt=1)
@@ -126,6 +143,8 @@ class TrainConfig:
     eps: float = setting(0.1, "ratio clip: log r is clamped to [log(1 - eps), log(1 + eps)]", gt=0, lt=1)
     learning_rate: float = setting(6e-5, "AdamW learning rate", gt=0)
     adam_weight_decay: float = setting(1e-4, "AdamW weight decay", ge=0)
+    optimizer: str = setting("adamw", "adamw | adamw8bit (bitsandbytes' 8-bit AdamW: less optimizer memory)",
+                             choices=OPTIMIZERS)
     lr_scheduler: str = setting("constant", "learning-rate schedule (diffusers' get_scheduler)", choices=LR_SCHEDULERS)
     lr_warmup_steps: int = setting(0, "warm-up optimizer steps of the schedule", ge=0)
     batch_size: int = setting(8, "pairs per micro-batch", ge=1)
@@ -167,6 +186,13 @@ class SPOConfig:
         if s.divert_start_step >= s.num_steps:
             raise SPOError(f"sample.divert_start_step must lie in [0, num_steps={s.num_steps}), "
                            f"got {s.divert_start_step}")
+        if self.model.init_lora and not self.model.use_lora:
+            raise SPOError("model.init_lora needs model.use_lora=true (it starts the LoRA adapters from a folder)")
+        if self.log.push_to_hub and not self.log.hub_repo_id:
+            raise SPOError("log.push_to_hub=true needs log.hub_repo_id=USER/NAME (the hub repository to upload to)")
+        if self.log.push_to_hub and not self.model.use_lora:
+            raise SPOError("log.push_to_hub uploads a LoRA folder; with model.use_lora=false upload the pipeline "
+                           "folder yourself (hf upload)")
 
     def digest(self) -> str:
         """Identity of the run: everything that shapes training except where it is written and how long it lasts."""
@@ -194,7 +220,7 @@ class SPMDataConfig:
 
 @dataclass
 class SPMModelConfig:
-    diffusion_model: str = setting("", "SD or SDXL diffusers pipeline (hub id or dir) used for the noising step")
+    diffusion_model: str = setting("", "SD, SDXL or SD3 diffusers pipeline (hub id or dir) used for the noising step")
     vae: str = setting("", "separate VAE for it (e.g. madebyollin/sdxl-vae-fp16-fix); empty = the pipeline's own")
     base: str = setting("", "CLIP checkpoint to start from (e.g. yuvalkirstain/PickScore_v1)")
     processor: str = setting("", "image processor / tokenizer source; empty = same as base")
@@ -228,7 +254,8 @@ class SPMTrainConfig:
     data: SPMDataConfig = field(default_factory=SPMDataConfig)
     model: SPMModelConfig = field(default_factory=SPMModelConfig)
     train: SPMTrainingConfig = field(default_factory=SPMTrainingConfig)
-    log: LogConfig = field(default_factory=lambda: LogConfig(output_dir="runs/spm", checkpointing_steps=500))
+    log: LogConfig = field(default_factory=lambda: LogConfig(output_dir="runs/spm", checkpointing_steps=500,
+                                                             tracker_project="spm"))
 
     def validate(self) -> None:
         validate_fields(self)
@@ -238,6 +265,8 @@ class SPMTrainConfig:
             raise SPOError("model.train_params=conditioning needs model.time_conditioned=true (nothing else would train)")
         if self.train.t_min > self.train.t_max:
             raise SPOError(f"need train.t_min <= train.t_max, got {self.train.t_min} > {self.train.t_max}")
+        if self.log.push_to_hub:
+            raise SPOError("log.push_to_hub is for spo train's LoRA; upload an SPM folder with `hf upload`")
 
 
 # ------------------------------------------------------------------ loading
@@ -329,12 +358,28 @@ def parse_overrides(pairs: list[str]) -> dict:
         if "=" not in pair:
             raise SPOError(f"override {pair!r} is not of the form key=value")
         key, value = pair.split("=", 1)
-        *groups, leaf = key.strip().split(".")
+        *groups, leaf = parts = key.strip().split(".")
+        if not all(parts):
+            raise SPOError(f"override {pair!r} has an empty field name; write group.field=value")
         node = out
-        for g in groups:
+        for i, g in enumerate(groups):
             node = node.setdefault(g, {})
-        node[leaf] = yaml.safe_load(value) if value.strip() else ""
+            if not isinstance(node, dict):  # e.g. train.num_epochs=1 train.num_epochs.x=1
+                raise SPOError(f"override {pair!r} conflicts with an earlier override that set "
+                               f"{'.'.join(parts[:i + 1])} to a value; give each field once")
+        node[leaf] = _override_value(pair, value)
     return out
+
+
+def _override_value(pair: str, value: str):
+    """The YAML value of one key=value override (so lists, numbers and booleans work as in a file)."""
+    if not value.strip():
+        return ""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        reason = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise SPOError(f"override {pair!r} is not valid YAML ({reason}); quote it or fix the brackets") from None
 
 
 def merge(base: dict, update: dict) -> dict:
@@ -371,9 +416,13 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
     if path is not None:
         path = resolve_config_path(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise SPOError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        except UnicodeDecodeError:
+            raise SPOError(f"config file {path} is not a text file (not UTF-8); give a YAML recipe") from None
+        except OSError as exc:  # a directory, or no permission to read it
+            raise SPOError(f"cannot read config file {path}: {exc.strerror or exc}") from None
         if not isinstance(data, dict):
             raise SPOError(f"config file {path} must hold a mapping of field: value")
     data = merge(data, parse_overrides(overrides or []))
@@ -387,6 +436,51 @@ def save_config(cfg, path: str | Path) -> None:
 def to_plain(cfg) -> dict:
     """Dataclass -> dict of YAML-safe values (tuples become lists)."""
     return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(cfg))))
+
+
+RUN_LENGTH = ("train.num_epochs", "train.max_steps")  # a resumed run may run longer
+
+
+def run_identity(plain: dict) -> dict:
+    """{"group.field": value} of a config (as a plain dict) minus what a resume may change: log.* and the length."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
+
+    return {k: v for k, v in flat(plain).items() if not k.startswith("log.") and k not in RUN_LENGTH}
+
+
+def resume_changes(saved_plain: dict, cfg) -> list[str]:
+    """What differs between the config a run was started with and `cfg`, as "field: old -> new".
+
+    A field the saved run did not have (added by a later version of spo) counts only when it is set away
+    from its default, so upgrading spo does not strand a half-finished run.
+    """
+    saved, now = run_identity(saved_plain), run_identity(to_plain(cfg))
+    defaults = run_identity(to_plain(type(cfg)()))
+    changes = []
+    for key in sorted(set(saved) | set(now)):
+        if key not in saved:
+            if now[key] != defaults.get(key):
+                changes.append(f"{key}: (unset) -> {now[key]!r}")
+        elif key not in now:
+            changes.append(f"{key}: {saved[key]!r} -> (no longer a setting)")
+        elif saved[key] != now[key]:
+            changes.append(f"{key}: {saved[key]!r} -> {now[key]!r}")
+    return changes
+
+
+def check_resume_config(saved_path: Path, cfg) -> None:
+    """Refuse a resume under a different config, naming the fields that differ."""
+    if not Path(saved_path).is_file():
+        return
+    changes = resume_changes(yaml.safe_load(Path(saved_path).read_text()) or {}, cfg)
+    if changes:
+        shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+        raise SPOError(f"{saved_path} was written by a run with a different config ({shown}); resume with the "
+                       f"same config (only log.* and the run length may change), or start a new log.output_dir")
 
 
 def _plain(v):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +9,13 @@ import torch
 from tqdm.auto import tqdm
 
 from spo.errors import SPOError
+from spo.lora import lora_info
 
 
 def load_model(pretrained: str, lora: str | Path | None = None, vae: str | Path | None = None):
-    """An SD or SDXL pipeline from `pretrained` (hub id / dir / world:sd), with a LoRA dir or full-pipeline
+    """An SD, SDXL or SD3 pipeline from `pretrained` (hub id / dir / world:sd), with a LoRA dir or full-pipeline
     dir applied; `vae` replaces the pipeline's VAE (e.g. madebyollin/sdxl-vae-fp16-fix)."""
-    from spo.models import Diffusion, load_pipeline
+    from spo.models import load_pipeline, pipeline_family
     from spo.plugins import resolve
 
     vae = resolve(str(vae)) if vae else None
@@ -25,11 +25,11 @@ def load_model(pretrained: str, lora: str | Path | None = None, vae: str | Path 
     if lora:
         if not Path(lora).is_dir():
             raise SPOError(f"LoRA directory {lora} does not exist")
-        info = Path(lora) / "spo_lora.json"
-        trained_on = json.loads(info.read_text()).get("family", "sd") if info.is_file() else None
-        if trained_on and trained_on != Diffusion(pipe).family:
+        info = lora_info(Path(lora))
+        trained_on = info.get("family", "sd") if info is not None else None
+        if trained_on and trained_on != pipeline_family(pipe):
             raise SPOError(f"LoRA {lora} was trained on an {trained_on.upper()} model but {pretrained} is "
-                           f"{Diffusion(pipe).family.upper()}; give --pretrained the model it was trained from")
+                           f"{pipeline_family(pipe).upper()}; give --pretrained the model it was trained from")
         try:
             pipe.load_lora_weights(str(lora))
         except Exception as exc:
@@ -40,13 +40,20 @@ def load_model(pretrained: str, lora: str | Path | None = None, vae: str | Path 
 @torch.no_grad()
 def generate(pipe, prompts: list[str], seed: int, steps: int = 20, guidance: float = 5.0, eta: float = 0.0,
              batch: int = 32, desc: str = "generate") -> np.ndarray:
-    """HxWx3 float images in [0, 1]; image i uses seed `seed + i`, so models compare image for image."""
+    """HxWx3 float images in [0, 1]; image i uses seed `seed + i`, so models compare image for image.
+
+    Flow pipelines (SD3) sample with their ODE (Euler) and take no eta: there eta must be 0."""
+    import inspect
+
+    takes_eta = "eta" in inspect.signature(pipe.__call__).parameters
+    if eta and not takes_eta:
+        raise SPOError(f"{type(pipe).__name__} samples with its ODE and takes no eta; use eta 0")
     out = []
     for start in tqdm(range(0, len(prompts), batch), desc=desc, leave=False):
         chunk = prompts[start : start + batch]
         gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
-        result = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, eta=eta, generator=gens,
-                      output_type="np")
+        result = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="np",
+                      **({"eta": eta} if takes_eta else {}))
         out.append(result.images)
     if not out:
         raise SPOError("no prompts to generate")

@@ -58,10 +58,21 @@ def training_curves(metrics_jsonl: str | Path, path: str | Path,
         xs = [r["epoch"] for r in rows if key in r]
         ax.plot(xs, [r[key] for r in rows if key in r], marker=".")
         ax.set_title(key, fontsize=9)
-        ax.set_xlabel("epoch", fontsize=8)
-        ax.tick_params(labelsize=7)
+        readable_axes(ax, "epoch", key)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def readable_axes(ax, xlabel: str, ylabel: str) -> None:
+    """Axis labels and plain tick values: matplotlib would print 0.99999..1.00001 as an offset plus
+    1e-5 multiples ("1e-5+9.999e-1"), which nobody reads at a glance; epochs get whole-number ticks."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.ticklabel_format(axis="both", style="plain", useOffset=False)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.tick_params(labelsize=7)

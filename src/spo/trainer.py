@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import signal
@@ -19,24 +20,47 @@ from pathlib import Path
 
 import torch
 
-from spo.config import SPOConfig, save_config, to_plain
+from spo.config import SPOConfig, check_resume_config, save_config, to_plain
 from spo.errors import SPOError
 from spo.files import atomic_directory, atomic_write_text
+from spo.lora import check_init_lora, load_lora_into
 from spo.methods import get_method
-from spo.models import FAMILIES
+from spo.models import FAMILIES, check_lora_targets, lora_save_kwargs
 from spo.runtime import (
+    RunLock,
     assert_finite,
     check_output_dir,
     init_trackers,
-    latest_checkpoint,
     make_accelerator,
     peak_memory_mb,
     replace_old_run,
+    resume_checkpoint,
     rotate_checkpoints,
+    run_name,
     weights_fingerprint,
+    write_manifest,
 )
 
-__all__ = ["Trainer", "SPOTrainer", "save_lora"]
+__all__ = ["Trainer", "SPOTrainer", "save_lora", "run_summary"]
+
+
+def _lock_released(always: bool):
+    """Release the trainer's run lock when the method raises (SPOError, KeyboardInterrupt, ...) or, with
+    `always`, whenever it returns: setup() takes the lock, train() ends the run."""
+    def wrap(method):
+        @functools.wraps(method)
+        def run(self, *args, **kwargs):
+            try:
+                result = method(self, *args, **kwargs)
+            except BaseException:
+                if getattr(self, "lock", None) is not None:
+                    self.lock.release()
+                raise
+            if always and getattr(self, "lock", None) is not None:
+                self.lock.release()
+            return result
+        return run
+    return wrap
 
 
 class Trainer:
@@ -57,6 +81,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- setup
 
+    @_lock_released(always=False)
     def setup(self) -> "Trainer":
         from accelerate.utils import set_seed
 
@@ -64,19 +89,28 @@ class Trainer:
         from spo.plugins import resolve
 
         cfg = self.cfg
+        # A missing optimizer package or a mismatched init LoRA fails before any model is loaded.
+        optimizer_cls = optimizer_class(cfg.train.optimizer)
+        if cfg.model.init_lora:
+            check_init_lora(cfg.model)
         self.method.load_data(self)
         self.acc = make_accelerator(self.out, cfg.train.mixed_precision, cfg.train.gradient_accumulation_steps,
                                     cfg.log.report_to)
+        # One run per folder, taken before anything is read from or deleted in it; train() releases it.
+        self.lock = RunLock(self.out, log=self.log, active=self.acc.is_main_process).acquire()
         check_output_dir(self.out, "run.json", self.overwrite, bool(self.resume))
         if cfg.train.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
         set_seed(cfg.train.seed)  # the LoRA initialisation draws from the global generators
-        self.diffusion = load_diffusion(resolve(cfg.model.pretrained), vae=resolve(cfg.model.vae) or None)
+        self.diffusion = load_diffusion(resolve(cfg.model.pretrained), vae=resolve(cfg.model.vae) or None,
+                                        sample=cfg.sample)
+        if cfg.model.use_lora:  # a misspelt target fails before the judge loads, and is never skipped silently
+            check_lora_targets(self.diffusion.unet, cfg.model.lora_targets)
         self.method.load_models(self)
         self.diffusion.freeze(self.acc.device, self.weight_dtype)
         unet = self._trainable_network(self.diffusion.unet)
         self.trainable = [p for p in unet.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(self.trainable, lr=cfg.train.learning_rate, weight_decay=cfg.train.adam_weight_decay)
+        optimizer = optimizer_cls(self.trainable, lr=cfg.train.learning_rate, weight_decay=cfg.train.adam_weight_decay)
         self.unet, self.optimizer = self.acc.prepare(unet, optimizer)
         # Stepped once per optimizer step here (not through accelerate, which would step it per process).
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -87,7 +121,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
             (self.out / "run.json").write_text(json.dumps({"digest": cfg.digest(), "prompts": self.dataset_size}))
-        init_trackers(self.acc, "spo", to_plain(cfg), cfg.log.report_to)
+        init_trackers(self.acc, cfg.log.tracker_project, to_plain(cfg), cfg.log.report_to, run_name(cfg.log))
         return self
 
     def _trainable_network(self, unet):
@@ -104,6 +138,8 @@ class Trainer:
             unet.add_adapter(LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha, init_lora_weights="gaussian",
                                         target_modules=list(m.lora_targets)))
             cast_training_params(unet, dtype=torch.float32)
+            if m.init_lora:  # a run continued from another run's LoRA; the reference stays the base (adapters off)
+                load_lora_into(unet, Path(m.init_lora))
             self.reference_unet = None
         else:
             unet.requires_grad_(True)
@@ -118,8 +154,9 @@ class Trainer:
 
     def _count_unet_rows(self, module, args, kwargs) -> None:
         """Machine-independent compute: UNet rows evaluated with gradients (forward + backward) or without."""
-        sample = args[0] if args else kwargs["sample"]
-        self.unet_rows["train" if torch.is_grad_enabled() else "forward"] += len(sample)
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))  # a UNet's or a transformer's
+        if sample is not None:
+            self.unet_rows["train" if torch.is_grad_enabled() else "forward"] += len(sample)
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -256,6 +293,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
 
+    @_lock_released(always=True)
     def train(self, on_epoch_end=None) -> Path | None:
         """Run the remaining epochs; `on_epoch_end(trainer)` is called after each (e.g. to snapshot or evaluate).
 
@@ -322,12 +360,13 @@ class Trainer:
                 if self.acc.scaler is not None:  # fp16: the loss scale is part of the state an exact resume needs
                     torch.save(self.acc.scaler.state_dict(), tmp / "scaler.pt")
                 save_config(self.cfg, tmp / "config.yaml")
-                # state.json is written last: a checkpoint without it is incomplete and never resumed from
+                # state.json, then the manifest (sizes and checksums of every file) last: a resume verifies them
                 (tmp / "state.json").write_text(json.dumps(dict(
                     epoch=self.epoch, position=self.position, global_step=self.global_step, digest=self.cfg.digest(),
                     nonfinite_total=self.nonfinite_total, unet_rows=self.unet_rows,
-                    partial_metrics=self.partial_metrics, method_progress=self._method_progress())))
-            rotate_checkpoints(self.out, "epoch", self.cfg.log.checkpoints_total_limit)
+                    partial_metrics=self.partial_metrics, method_progress=self._method_progress(), manifest=1)))
+                write_manifest(tmp)
+            rotate_checkpoints(self.out, "epoch", self.cfg.log.checkpoints_total_limit, keep=final)
         self.last_checkpoint_step = self.global_step
         self.acc.wait_for_everyone()
         return final
@@ -339,13 +378,9 @@ class Trainer:
     def _load_checkpoint(self, where: str) -> None:
         from safetensors.torch import load_file
 
-        ckpt = latest_checkpoint(self.out, "epoch", "state.json") if where == "latest" else Path(where)
-        if ckpt is None or not (ckpt / "state.json").is_file():
-            raise SPOError(f"no complete checkpoint to resume from at {where!r} (looked in {self.out / 'checkpoints'})")
+        ckpt = resume_checkpoint(self.out, "epoch", "state.json", where, self.log)
         state = json.loads((ckpt / "state.json").read_text())
-        if state["digest"] != self.cfg.digest():
-            raise SPOError(f"checkpoint {ckpt} was written by a run with a different config; resume with the same "
-                           f"config (only log.* and train.num_epochs may change)")
+        check_resume_config(ckpt / "config.yaml", self.cfg)  # names the fields that differ
         weights = load_file(str(ckpt / "trainable.safetensors"))
         params = dict(self.acc.unwrap_model(self.unet).named_parameters())
         with torch.no_grad():
@@ -398,6 +433,11 @@ class Trainer:
 
             training_curves(self.out / "metrics.jsonl", self.out / "curves.png")
         self.acc.end_training()
+        if self.cfg.log.push_to_hub and self.acc.is_main_process:  # last: a failed upload loses nothing
+            from spo.hub import push_lora
+
+            push_lora(self.out, self.cfg.log.hub_repo_id)
+            self.log(f"[{self.cfg.method}] pushed {target} to https://huggingface.co/{self.cfg.log.hub_repo_id}")
         return target
 
 
@@ -448,28 +488,71 @@ threshold {s.threshold:g} ({s.keep_rule}), DDIM {s.num_steps} steps, eta {s.eta:
 The full recipe is `training_config.yaml` (config digest {cfg.digest()}).
 
 ```python
-from diffusers import {pipeline_class}
-
-pipe = {pipeline_class}.from_pretrained("{base}")
-pipe.load_lora_weights("path/to/this/folder")
-image = pipe("a prompt", num_inference_steps={s.num_steps}, guidance_scale={s.guidance_scale:g}).images[0]
+{usage_snippet(pipeline_class, base, "path/to/this/folder", cfg.model.vae, s.num_steps, s.guidance_scale)}
 ```
 """)
 
 
-def save_lora(unet, directory: Path, rank: int, alpha: float, pipeline_cls=None) -> None:
-    """The UNet's LoRA in the format `pipeline_cls.load_lora_weights` reads (SD's pipeline by default)."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
+def usage_snippet(pipeline: str, base: str, lora: str | None, vae: str = "", steps: int = 20,
+                  guidance: float = 5.0) -> str:
+    """Python that loads a result in stock diffusers: the base pipeline (with `vae` if the run swapped it in),
+    then the LoRA on the pipeline instance (load_lora_weights is not a class method)."""
+    lines = [f"from diffusers import {pipeline}" + (", AutoencoderKL" if vae else ""), ""]
+    if vae:
+        lines.append(f'vae = AutoencoderKL.from_pretrained("{vae}")')
+    lines.append(f'pipe = {pipeline}.from_pretrained("{base}"' + (", vae=vae)" if vae else ")"))
+    if lora:
+        lines.append(f'pipe.load_lora_weights("{lora}")')
+    lines.append(f'image = pipe("a prompt", num_inference_steps={steps}, guidance_scale={guidance:g}).images[0]')
+    return "\n".join(lines)
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    # The adapter metadata carries lora_alpha; without it diffusers would reload alpha = rank.
-    metadata = unet.peft_config["default"].to_dict()
-    metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
+
+def run_summary(cfg: SPOConfig, target: Path) -> str:
+    """The block `spo train` ends with: where the run's files went, and how to load the result in diffusers."""
+    import textwrap
+
+    from spo.plugins import resolve
+
+    out, lg, lora = Path(cfg.log.output_dir), cfg.log, cfg.model.use_lora
+    rows = [("LoRA" if lora else "pipeline", target), ("checkpoints", out / "checkpoints"),
+            ("metrics", out / "metrics.jsonl"), ("curves", out / "curves.png")]
+    if lg.validation_prompts:
+        rows.append(("validation images", out / "validation"))
+    if lg.report_to in ("tensorboard", "all"):
+        rows.append(("TensorBoard logs", out / "logs" / run_name(lg)))
+    if lg.report_to in ("wandb", "all"):
+        rows.append(("wandb run", f"{lg.tracker_project}/{run_name(lg)}"))
+    if lg.push_to_hub:
+        rows.append(("hub", f"https://huggingface.co/{lg.hub_repo_id}"))
+    # Absolute paths and the resolved base ("world:sd" -> its folder): the snippet works from any directory.
+    absolute = str(Path(target).resolve())
+    snippet = usage_snippet("DiffusionPipeline", resolve(cfg.model.pretrained) if lora else absolute,
+                            absolute if lora else None, resolve(cfg.model.vae) if lora else "",
+                            cfg.sample.num_steps, cfg.sample.guidance_scale)
+    width = max(len(name) for name, _ in rows) + 1
+    return "\n".join([f"run {run_name(lg)} done:", *(f"  {name + ':':<{width}} {where}" for name, where in rows),
+                      "load it in diffusers:", textwrap.indent(snippet, "    ")])
+
+
+def optimizer_class(name: str):
+    """torch's AdamW, or bitsandbytes' 8-bit AdamW (optimizer states in 8 bits: about a quarter of the memory)."""
+    if name == "adamw":
+        return torch.optim.AdamW
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise SPOError("train.optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes "
+                       "(or set train.optimizer=adamw)") from None
+    return bitsandbytes.optim.AdamW8bit
+
+
+def save_lora(unet, directory: Path, rank: int, alpha: float, pipeline_cls=None) -> None:
+    """The trained network's LoRA in the format `pipeline_cls.load_lora_weights` reads (SD's pipeline by
+    default); the adapter metadata carries lora_alpha (without it diffusers would reload alpha = rank)."""
+    from diffusers import StableDiffusionPipeline
+
     pipeline_cls = pipeline_cls or StableDiffusionPipeline
-    pipeline_cls.save_lora_weights(str(directory), unet_lora_layers=layers, safe_serialization=True,
-                                   unet_lora_adapter_metadata=metadata)
+    pipeline_cls.save_lora_weights(str(directory), safe_serialization=True, **lora_save_kwargs(pipeline_cls, unet))
     family = FAMILIES.get(pipeline_cls.__name__, "sd")  # so that a LoRA is never applied to the other family
     (directory / "spo_lora.json").write_text(json.dumps({"rank": rank, "alpha": alpha, "family": family}))
 

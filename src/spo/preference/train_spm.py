@@ -65,27 +65,28 @@ def _relabel(ds, spm, resolution: int, threshold: float, ties: str, batch: int =
     def fn(rows):
         n = len(rows["caption"])
         items = [{k: rows[k][i] for k in rows} for i in range(n)]
-        new0, keep = [], []
+        new0, new1, keep = [], [], []
         for item in items:
             b = collate([item])
-            if b is None:
-                new0.append(item["label_0"]), keep.append(True)  # the training collator will count and skip it
+            if b is None:  # unusable (e.g. labels 0/0): left as it is, so the training collator counts and skips it
+                new0.append(item["label_0"]), new1.append(item["label_1"]), keep.append(True)
                 continue
             with torch.no_grad():
                 s = torch.stack([spm(b["img0"].to(dev), b["captions"], 0), spm(b["img1"].to(dev), b["captions"], 0)], -1)
             p = s.float().softmax(-1)[0]
             decided = bool((p[0] - p[1]).abs() > threshold)
             new0.append(float(p[0] > p[1]) if decided else 0.5)
+            new1.append(1.0 - new0[-1])
             keep.append(decided or ties == "tie")
-        return {"label_0": new0, "label_1": [1.0 - x for x in new0], "_keep": keep}
+        return {"label_0": new0, "label_1": new1, "_keep": keep}
 
     ds = ds.map(fn, batched=True, batch_size=batch, desc="relabel with the base model")
     return ds.filter(lambda k: k, input_columns="_keep").remove_columns("_keep")
 
 
-def _save_checkpoint(accelerator, output: Path, step: int, limit: int, spm) -> Path:
+def _save_checkpoint(accelerator, output: Path, step: int, limit: int, spm, report=None) -> Path:
     from spo.files import atomic_directory
-    from spo.runtime import assert_finite, rotate_checkpoints
+    from spo.runtime import assert_finite, rotate_checkpoints, write_manifest
 
     assert_finite(dict(accelerator.unwrap_model(spm).named_parameters()), f"checkpoint step-{step}")
     final = output / "checkpoints" / f"step-{step}"
@@ -93,10 +94,34 @@ def _save_checkpoint(accelerator, output: Path, step: int, limit: int, spm) -> P
     if accelerator.is_main_process:
         with atomic_directory(final) as tmp:
             accelerator.save_state(str(tmp))
-            (tmp / "train_state.json").write_text(json.dumps({"global_step": step}))
-        rotate_checkpoints(output, "step", limit)
+            if report is not None:  # so that a resumed run goes on counting the same distinct rows
+                (tmp / "data_report.json").write_text(json.dumps(report.state()))
+            (tmp / "train_state.json").write_text(json.dumps({"global_step": step, "manifest": 1}))
+            write_manifest(tmp)  # last: sizes and checksums of every file, verified on resume
+        rotate_checkpoints(output, "step", limit, keep=final)
     accelerator.wait_for_everyone()
     return final
+
+
+def _data_report(accelerator, collate):
+    """The data report of all processes together; a collective call (every process makes it)."""
+    if accelerator.num_processes == 1:
+        return collate.report
+    from accelerate.utils import gather_object
+
+    from spo.preference.data import DataReport
+
+    merged = DataReport()
+    for state in gather_object([collate.report.state()]):
+        merged.merge(state)
+    return merged
+
+
+def _write_data_report(output: Path, report, **extra) -> None:
+    """OUT/data_report.json, rewritten whole (atomically) as the run goes: a killed run keeps the last one."""
+    from spo.files import atomic_write_text
+
+    atomic_write_text(output / "data_report.json", json.dumps(dict(report.summary(), **extra), indent=2))
 
 
 def _optimizer_groups(spm, cfg) -> list[dict]:
@@ -111,22 +136,35 @@ def _optimizer_groups(spm, cfg) -> list[dict]:
 
 
 def train_spm(cfg: SPMTrainConfig, log=print, resume: str = "", overwrite: bool = False) -> Path:
-    """Train the step-aware preference model; returns the saved model's directory (OUT/spm)."""
+    """Train the step-aware preference model; returns the saved model's directory (OUT/spm).
+
+    The output folder is locked for the whole run (one run per folder; a launch's main process holds it).
+    """
+    from spo.runtime import RunLock, is_main_process
+
+    cfg.validate()
+    with RunLock(cfg.log.output_dir, log=log, active=is_main_process()):
+        return _train_spm(cfg, log, resume, overwrite)
+
+
+def _train_spm(cfg: SPMTrainConfig, log, resume: str, overwrite: bool) -> Path:
     from accelerate.utils import set_seed
 
-    from spo.config import save_config, to_plain
+    from spo.config import check_resume_config, save_config, to_plain
     from spo.models import load_diffusion
     from spo.plugins import resolve
     from spo.preference.data import PairCollator, load_preference_dataset, prompt_weights
     from spo.preference.spm import StepAwareCLIP
-    from spo.runtime import (assert_finite, check_output_dir, init_trackers, latest_checkpoint, make_accelerator,
-                             replace_old_run, stream)
+    from spo.runtime import (assert_finite, check_output_dir, init_trackers, make_accelerator, replace_old_run,
+                             resume_checkpoint, run_name, stream)
 
     cfg.validate()
     d, m, tr, lg = cfg.data, cfg.model, cfg.train, cfg.log
     output = Path(lg.output_dir)
     accelerator = make_accelerator(output, tr.mixed_precision, tr.gradient_accumulation_steps, lg.report_to)
     check_output_dir(output, "config.yaml", overwrite, bool(resume))
+    if resume:  # before any model loads: a changed setting is named, not discovered after minutes
+        check_resume_config(output / "config.yaml", cfg)
     set_seed(tr.seed)
     ds = load_preference_dataset(resolve(d.dataset), d.split)
     diffusion = load_diffusion(resolve(m.diffusion_model), vae=resolve(m.vae) or None)
@@ -151,6 +189,7 @@ def train_spm(cfg: SPMTrainConfig, log=print, resume: str = "", overwrite: bool 
     trainable = set_trainable(spm, m.train_params)
     optimizer = torch.optim.AdamW(_optimizer_groups(spm, cfg), weight_decay=tr.weight_decay)
     collate = PairCollator(diffusion.resolution)
+    ds = ds.add_column("_row", list(range(len(ds))))  # the data report counts distinct rows, not draws
     loader = torch.utils.data.DataLoader(ds, batch_size=tr.batch_size, shuffle=True, collate_fn=collate,
                                          generator=torch.Generator().manual_seed(tr.seed))
     scheduler = _lr_schedule(optimizer, tr, accelerator.num_processes)
@@ -158,18 +197,18 @@ def train_spm(cfg: SPMTrainConfig, log=print, resume: str = "", overwrite: bool 
 
     step, skip = 0, 0
     if resume:
-        ckpt = latest_checkpoint(output, "step", "train_state.json") if resume == "latest" else Path(resume)
-        if ckpt is None or not (ckpt / "train_state.json").is_file():
-            raise SPOError(f"no checkpoint to resume from at {resume!r} (looked in {output / 'checkpoints'})")
+        ckpt = resume_checkpoint(output, "step", "train_state.json", resume, log)
         accelerator.load_state(str(ckpt))
         step = json.loads((ckpt / "train_state.json").read_text())["global_step"]
+        if (ckpt / "data_report.json").is_file():
+            collate.report.merge(json.loads((ckpt / "data_report.json").read_text()))
         skip = (step * tr.gradient_accumulation_steps) % len(loader)
         log(f"[spm] resumed from {ckpt} at step {step}")
     replace_old_run(output, "config.yaml", overwrite, bool(resume), accelerator)  # everything loaded: now safe
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output / "config.yaml")
-    init_trackers(accelerator, "spm", to_plain(cfg), lg.report_to)
+    init_trackers(accelerator, lg.tracker_project, to_plain(cfg), lg.report_to, run_name(lg))
     log(f"[spm] training {len(trainable)} parameter tensors ({m.train_params}) on {len(ds)} pairs")
     bar = tqdm(total=tr.max_steps, initial=step, desc="train-spm", disable=not accelerator.is_main_process)
     t0, seen, micro = time.time(), 0, step * tr.gradient_accumulation_steps
@@ -224,12 +263,18 @@ def train_spm(cfg: SPMTrainConfig, log=print, resume: str = "", overwrite: bool 
                 accelerator.log({"train/loss": loss.item(), "train/batch_accuracy": acc, "train/t_mean": t.float().mean().item(),
                                  "train/lr": scheduler.get_last_lr()[0],
                                  "train/pairs_per_s": seen / (time.time() - t0)}, step=step)
-            if (lg.checkpointing_steps and step % lg.checkpointing_steps == 0) or step == tr.max_steps:
-                _save_checkpoint(accelerator, output, step, lg.checkpoints_total_limit, spm)
+            checkpoint_due = (lg.checkpointing_steps and step % lg.checkpointing_steps == 0) or step == tr.max_steps
+            if checkpoint_due or step % lg.log_every == 0:
+                report = _data_report(accelerator, collate)
+                if accelerator.is_main_process:
+                    _write_data_report(output, report, steps=step, train_seconds=round(time.time() - t0, 1))
+            if checkpoint_due:
+                _save_checkpoint(accelerator, output, step, lg.checkpoints_total_limit, spm, report)
             if step >= tr.max_steps:
                 break
     bar.close()
     final = output / "spm"
+    report = _data_report(accelerator, collate)
     if accelerator.is_main_process:
         from spo.files import atomic_directory
 
@@ -237,9 +282,8 @@ def train_spm(cfg: SPMTrainConfig, log=print, resume: str = "", overwrite: bool 
         assert_finite(dict(model.named_parameters()), "the step-aware preference model")
         with atomic_directory(final) as tmp:
             model.save_pretrained(tmp)
-        report = dict(collate.report.summary(), train_seconds=round(time.time() - t0, 1), steps=step)
-        (output / "data_report.json").write_text(json.dumps(report, indent=2))
-        log("[spm] data: " + ", ".join(f"{k}: {v}" for k, v in collate.report.summary().items()))
+        _write_data_report(output, report, train_seconds=round(time.time() - t0, 1), steps=step)
+        log("[spm] data: " + ", ".join(f"{k}: {v}" for k, v in report.summary().items()))
     accelerator.end_training()
     return final
 
