@@ -300,6 +300,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows (default: all)")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seed-from", type=int, default=0, help="train seeds seed-from .. seeds-1 (split one row over calls)")
     p.add_argument("--epochs", type=int, default=25)
     p.add_argument("--prompts", type=int, default=128)
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
@@ -359,7 +360,7 @@ def main(argv=None) -> dict:
 
     dpo = [f"dpo.beta={args.dpo_beta}", f"train.learning_rate={args.dpo_lr}"] if args.dpo_beta else []
     tune = [(b, lr) for b in args.dpo_betas.split(",") for lr in args.dpo_lrs.split(",")] if args.tune_dpo else []
-    jobs = [job(r, s, dpo if r == "diffusion-dpo" else None) for s in range(args.seeds) for r in rows
+    jobs = [job(r, s, dpo if r == "diffusion-dpo" else None) for s in range(args.seed_from, args.seeds) for r in rows
             if not (r == "diffusion-dpo" and tune) and not (r == "no-t-spm" and not args.no_t_spm)]
     if args.no_t_spm:
         jobs = [dict(j, overrides=[o.format(no_t_spm=args.no_t_spm) for o in j["overrides"]]) for j in jobs]
