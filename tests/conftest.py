@@ -53,3 +53,20 @@ def assert_same_run(resumed, uninterrupted):
     b = load_file(str(resumed / "lora" / "pytorch_lora_weights.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+
+def deterministic_latents(diffusion, prompts, start, steps: int, guidance: float):
+    """Our eta-0 sampling loop through the family adapter (`guided_output` + `transition`): the latents it
+    ends on, and every step's std (all zero when the loop is deterministic). Compared with the stock
+    pipeline's latents by the family tests."""
+    import torch
+
+    cond, uncond = diffusion.encode_prompts(prompts)
+    x, stds = start, []
+    with torch.no_grad():
+        for t, t_prev in diffusion.schedule(steps):
+            tb = torch.full((len(x),), t)
+            out = diffusion.guided_output(x, tb, cond, uncond, guidance)
+            x, std, _ = diffusion.transition(out, tb, torch.full_like(tb, t_prev), x, 0.0)
+            stds.append(std)
+    return x, stds

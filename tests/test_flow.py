@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import deterministic_latents
 
 from spo.flow_sampling import flow_ddim_transition, flow_noised, flow_sde_transition, flow_x0
 from spo.sampling import gaussian_log_prob, transition_log_ratio
@@ -268,13 +269,8 @@ def test_our_deterministic_flow_sampling_reproduces_the_stock_sd3_pipeline(sd3_d
     start = torch.randn((2, 16, 16, 16), generator=torch.Generator().manual_seed(0))
     expected = d.pipe(PROMPTS, num_inference_steps=3, guidance_scale=4.5, latents=start.clone(),
                       output_type="latent").images
-    cond, uncond = d.encode_prompts(PROMPTS)
-    x = start
-    with torch.no_grad():
-        for t, t_prev in d.schedule(3):
-            tb = torch.full((2,), t)
-            x, std, _ = d.transition(d.guided_output(x, tb, cond, uncond, 4.5), tb, torch.full_like(tb, t_prev), x, 0.0)
-            assert torch.all(std == 0)
+    x, stds = deterministic_latents(d, PROMPTS, start, 3, 4.5)
+    assert all(torch.all(std == 0) for std in stds)
     torch.testing.assert_close(x, expected, rtol=1e-4, atol=1e-5)
 
 

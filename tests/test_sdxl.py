@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import deterministic_latents
 
 from spo.cli import cli
 from spo.config import load_config
@@ -142,18 +143,11 @@ def test_sdxl_checkpoint_is_detected_and_conditioned_with_pooled_embeddings_and_
 
 def test_our_conditioning_and_ddim_reproduce_the_stock_sdxl_pipeline(sdxl_dir):
     """DDIM (eta 0) driven by `guided_output` with our conditioning lands on the pipeline's own latents."""
-    from spo.sampling import ddim_transition
-
     d = Diffusion(load_pipeline(sdxl_dir / "pipeline"))
     start = torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(0))
     expected = d.pipe(PROMPTS, num_inference_steps=3, guidance_scale=5.0, latents=start.clone(),
                       output_type="latent").images
-    cond, uncond = d.encode_prompts(PROMPTS)
-    x = start
-    with torch.no_grad():
-        for t, t_prev in d.schedule(3):
-            tb = torch.full((2,), t)
-            x, _, _ = ddim_transition(d.scheduler, d.guided_output(x, tb, cond, uncond, 5.0), tb, tb * 0 + t_prev, x, 0.0)
+    x, _ = deterministic_latents(d, PROMPTS, start, 3, 5.0)
     torch.testing.assert_close(x, expected, rtol=1e-4, atol=1e-4)
 
 
