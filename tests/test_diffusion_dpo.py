@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from conftest import assert_same_run, tiny_spo_args
 from spo.cli import cli
 from spo.config import load_config
-from spo.methods.diffusion_dpo import denoising_target, diffusion_dpo_loss, per_sample_mse
+from spo.methods.diffusion_dpo import diffusion_dpo_loss, per_sample_mse
+from spo.sampling import denoising_target
 from spo.sampling import add_noise, predict_x0
 from spo.config import SPOConfig
 from spo.trainer import SPOTrainer

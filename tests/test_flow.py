@@ -378,3 +378,25 @@ def test_a_lora_of_another_family_is_refused_both_ways(sd3_run, sd3_dir, tmp_pat
     tiny_sdxl_pipeline().save_pretrained(sdxl)
     with pytest.raises(SPOError, match="trained on an SD3 model but .* is SDXL"):
         load_model(str(sdxl), sd3_run[1])
+
+
+def test_the_flow_training_target_is_the_velocity_that_recovers_x0(sd3_dir):
+    from spo.models import load_diffusion
+
+    d = load_diffusion(sd3_dir)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn((3, 16, 8, 8), generator=g), torch.randn((3, 16, 8, 8), generator=g)
+    t = torch.tensor([0, 500, 999])
+    target = d.training_target(x0, noise, t)
+    torch.testing.assert_close(d.x0_prediction(d.noised(x0, noise, t), target, t), x0, rtol=1e-5, atol=1e-5)
+
+
+def test_diffusion_dpo_trains_sd3_through_the_adapters_training_target(sd3_dir, sd3_spm, tmp_path):
+    from spo.trainer import Trainer
+
+    cfg = _spo_config(sd3_dir, sd3_spm, tmp_path / "dpo", "method=diffusion-dpo", "dpo.dataset=world:preference",
+                      "dpo.split=validation", "dpo.pairs_per_epoch=4", "train.batch_size=2")
+    tr = Trainer(cfg, log=lambda m: None).setup()
+    lora = tr.train()
+    metrics = [json.loads(line) for line in (tr.out / "metrics.jsonl").read_text().splitlines()]
+    assert math.isfinite(metrics[0]["loss"]) and (lora / "pytorch_lora_weights.safetensors").is_file()

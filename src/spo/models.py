@@ -20,7 +20,7 @@ import torch
 
 from spo.errors import SPOError
 from spo.flow_sampling import FLOW_SAMPLERS, flow_noised, flow_x0
-from spo.sampling import add_noise, ddim_schedule, ddim_transition, predict_x0, work_dtype
+from spo.sampling import add_noise, ddim_schedule, ddim_transition, denoising_target, predict_x0, work_dtype
 
 # The pipeline classes spo trains, by the `_class_name` a checkpoint's model_index.json declares.
 FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
@@ -292,6 +292,10 @@ class Diffusion:
         """x_t of clean latents x0 with the given noise (the forward process)."""
         return add_noise(self.scheduler, x0, noise, t)
 
+    def training_target(self, x0, noise, t) -> torch.Tensor:
+        """What the network is trained to output at noised(x0, noise, t): ε, v or x0 (the prediction type)."""
+        return denoising_target(self.scheduler, x0, noise, t)
+
     def x0_images(self, x_t, t, cond, uncond, guidance: float, model=None):
         """One guided call at (x_t, t), its x0-prediction decoded to images in [-1, 1]; also the raw output.
 
@@ -432,6 +436,10 @@ class FlowDiffusion(Diffusion):
 
     def noised(self, x0, noise, t) -> torch.Tensor:
         return flow_noised(x0, noise, self._flow_time(t, x0))
+
+    def training_target(self, x0, noise, t) -> torch.Tensor:
+        """The rectified-flow velocity ε − x0 (the same at every t)."""
+        return noise - x0
 
     def _vae_shift(self) -> float:
         return self.vae.config.get("shift_factor", None) or 0.0

@@ -112,3 +112,15 @@ def transition_log_ratio(x: torch.Tensor, mean_policy: torch.Tensor, mean_ref: t
     x, mp, mr, std = x.to(wd), mean_policy.to(wd), mean_ref.to(wd), std.to(wd)
     per_dim = (mp - mr) * (2 * x - mp - mr) / (2 * std**2)
     return per_dim.mean(dim=tuple(range(1, x.ndim)))
+
+
+def denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to output at (x_t, t): ε, v or x0, by the scheduler's prediction type."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, t)
+    if kind == "sample":
+        return latents
+    raise ValueError(f"unsupported prediction_type {kind!r}")

@@ -17,18 +17,6 @@ import torch
 import torch.nn.functional as F
 
 
-def denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the UNet is trained to output at (x_t, t): ε, v or x0, by the scheduler's prediction type."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, t)
-    if kind == "sample":
-        return latents
-    raise ValueError(f"unsupported prediction_type {kind!r}")
-
-
 def per_sample_mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (output.float() - target.float()).pow(2).flatten(1).mean(1)
 
@@ -105,7 +93,7 @@ class DiffusionDPO:
         noise = torch.randn(latents[:n].shape, generator=gen).to(latents).repeat(2, 1, 1, 1)  # shared by the pair
         t = torch.randint(0, d.scheduler.config.num_train_timesteps, (n,), generator=gen).repeat(2).to(latents.device)
         x_t = d.noised(latents, noise, t)
-        target = denoising_target(d.scheduler, latents, noise, t)
+        target = d.training_target(latents, noise, t)
         cond, _ = d.encode_prompts(captions + captions)
         return x_t, t, target, cond, n
 
