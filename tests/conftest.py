@@ -70,3 +70,18 @@ def deterministic_latents(diffusion, prompts, start, steps: int, guidance: float
             x, std, _ = diffusion.transition(out, tb, torch.full_like(tb, t_prev), x, 0.0)
             stds.append(std)
     return x, stds
+
+
+def assert_stock_reload_matches(trained_pipe, stock, lora_dir, prompt: str, **kw):
+    """A LoRA folder loaded by stock diffusers (`stock.load_lora_weights`) draws what the trained pipeline
+    draws (same seed), and differs from the stock model without it."""
+    import torch
+
+    def draw(pipe):
+        return pipe([prompt], generator=torch.Generator().manual_seed(0), output_type="np", **kw).images
+
+    trained, base = draw(trained_pipe), draw(stock)
+    stock.load_lora_weights(str(lora_dir))
+    reloaded = draw(stock)
+    torch.testing.assert_close(torch.from_numpy(reloaded), torch.from_numpy(trained), rtol=0, atol=1e-5)
+    assert abs(reloaded - base).max() > 1e-4  # and the LoRA does change the picture

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import deterministic_latents
+from conftest import assert_stock_reload_matches, deterministic_latents
 
 from spo.flow_sampling import flow_ddim_transition, flow_noised, flow_sde_transition, flow_x0
 from spo.sampling import gaussian_log_prob, transition_log_ratio
@@ -327,15 +327,9 @@ def test_spo_trains_sd3_and_exports_a_lora_stock_diffusers_reloads_with_identica
     assert metrics[0]["pairs_trained"] > 0 and math.isfinite(metrics[0]["loss"])
     assert json.loads((lora_dir / "spo_lora.json").read_text())["family"] == "sd3"
 
-    kw = dict(num_inference_steps=3, guidance_scale=4.5, output_type="np")
     tr.diffusion.unet = network
-    trained = tr.diffusion.pipe(PROMPTS[:1], generator=torch.Generator().manual_seed(0), **kw).images
-    stock = _stock(sd3_dir)
-    base = stock(PROMPTS[:1], generator=torch.Generator().manual_seed(0), **kw).images
-    stock.load_lora_weights(str(lora_dir))
-    reloaded = stock(PROMPTS[:1], generator=torch.Generator().manual_seed(0), **kw).images
-    torch.testing.assert_close(torch.from_numpy(reloaded), torch.from_numpy(trained), rtol=0, atol=1e-5)
-    assert abs(reloaded - base).max() > 1e-4  # and the LoRA does change the picture
+    assert_stock_reload_matches(tr.diffusion.pipe, _stock(sd3_dir), lora_dir, PROMPTS[0], num_inference_steps=3,
+                                guidance_scale=4.5)
 
 
 def test_spo_generate_on_sd3_gives_the_stock_pipelines_images_with_the_lora(sd3_run, sd3_dir, tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import deterministic_latents
+from conftest import assert_stock_reload_matches, deterministic_latents
 
 from spo.cli import cli
 from spo.config import load_config
@@ -235,15 +235,9 @@ def test_spo_trains_sdxl_with_inner_steps_and_exports_a_lora_stock_diffusers_rel
         assert (not torch.equal(p.detach(), before[name])) == ("lora" in name), name
     assert json.loads((lora_dir / "spo_lora.json").read_text())["family"] == "sdxl"
 
-    kw = dict(num_inference_steps=3, guidance_scale=5.0, output_type="np")
     tr.diffusion.pipe.unet = unet
-    trained = tr.diffusion.pipe(PROMPTS[:1], generator=torch.Generator().manual_seed(0), **kw).images
-    stock = StableDiffusionXLPipeline.from_pretrained(sdxl_dir / "pipeline")
-    base = stock(PROMPTS[:1], generator=torch.Generator().manual_seed(0), **kw).images
-    stock.load_lora_weights(str(lora_dir))
-    reloaded = stock(PROMPTS[:1], generator=torch.Generator().manual_seed(0), **kw).images
-    torch.testing.assert_close(torch.from_numpy(reloaded), torch.from_numpy(trained), rtol=0, atol=1e-5)
-    assert abs(reloaded - base).max() > 1e-4  # and the LoRA does change the picture
+    assert_stock_reload_matches(tr.diffusion.pipe, StableDiffusionXLPipeline.from_pretrained(sdxl_dir / "pipeline"),
+                                lora_dir, PROMPTS[0], num_inference_steps=3, guidance_scale=5.0)
 
 
 def test_generate_cli_on_sdxl_with_lora_and_separate_vae(sdxl_dir, sdxl_spm, tmp_path):
