@@ -394,3 +394,32 @@ def test_diffusion_dpo_trains_sd3_through_the_adapters_training_target(sd3_dir, 
     lora = tr.train()
     metrics = [json.loads(line) for line in (tr.out / "metrics.jsonl").read_text().splitlines()]
     assert math.isfinite(metrics[0]["loss"]) and (lora / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_a_checkpoints_declared_text_length_reaches_encoding_generation_and_saving(sd3_dir, tmp_path):
+    """spo_pipeline.json beside model_index.json (the world's flow model was trained with an 8-token T5 slot):
+    prompt encoding and `spo generate` use it, as stock diffusers does when given the same argument."""
+    import json
+    import shutil
+
+    from spo.errors import SPOError
+    from spo.generation import generate
+    from spo.models import CALL_DEFAULTS_FILE, load_diffusion, load_pipeline, save_pipeline
+
+    ckpt = tmp_path / "short"
+    shutil.copytree(sd3_dir, ckpt)
+    (ckpt / CALL_DEFAULTS_FILE).write_text(json.dumps({"max_sequence_length": 8}))
+    d = load_diffusion(ckpt)
+    cond, _ = d.encode_prompts(PROMPTS)
+    assert cond.embeds.shape[1] == d.pipe.tokenizer.model_max_length + 8
+    ours = generate(d.pipe, PROMPTS, seed=0, steps=2, guidance=4.5)
+    stock = _stock(sd3_dir)
+    expected = stock(PROMPTS, num_inference_steps=2, guidance_scale=4.5, output_type="np", max_sequence_length=8,
+                     generator=[torch.Generator().manual_seed(i) for i in range(2)]).images
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
+    assert np.abs(generate(_stock(sd3_dir), PROMPTS, seed=0, steps=2, guidance=4.5) - ours).max() > 1e-3
+    save_pipeline(d.pipe, tmp_path / "saved")  # a full fine-tuning output keeps the declaration
+    assert json.loads((tmp_path / "saved" / CALL_DEFAULTS_FILE).read_text()) == {"max_sequence_length": 8}
+    (ckpt / CALL_DEFAULTS_FILE).write_text(json.dumps({"max_sequence_length": "eight"}))
+    with pytest.raises(SPOError, match="positive integers"):
+        load_pipeline(ckpt)

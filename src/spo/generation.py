@@ -45,6 +45,8 @@ def generate(pipe, prompts: list[str], seed: int, steps: int = 20, guidance: flo
     Flow pipelines (SD3) sample with their ODE (Euler) and take no eta: there eta must be 0."""
     import inspect
 
+    from spo.models import call_defaults
+
     takes_eta = "eta" in inspect.signature(pipe.__call__).parameters
     if eta and not takes_eta:
         raise SPOError(f"{type(pipe).__name__} samples with its ODE and takes no eta; use eta 0")
@@ -53,7 +55,7 @@ def generate(pipe, prompts: list[str], seed: int, steps: int = 20, guidance: flo
         chunk = prompts[start : start + batch]
         gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
         result = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="np",
-                      **({"eta": eta} if takes_eta else {}))
+                      **({"eta": eta} if takes_eta else {}), **call_defaults(pipe))
         out.append(result.images)
     if not out:
         raise SPOError("no prompts to generate")

@@ -26,6 +26,10 @@ from spo.sampling import add_noise, ddim_schedule, ddim_transition, denoising_ta
 FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
 # The scheduler each family samples with (load_pipeline puts it in place): DDIM, or the flow models' Euler.
 SAMPLING_SCHEDULERS = {"sd": "DDIMScheduler", "sdxl": "DDIMScheduler", "sd3": "FlowMatchEulerDiscreteScheduler"}
+# Pipeline-call arguments a checkpoint was trained with where they differ from the pipeline's defaults, declared
+# in this file beside model_index.json (e.g. the world's flow model: an 8-token T5 slot, max_sequence_length 8).
+CALL_DEFAULTS_FILE = "spo_pipeline.json"
+CALL_DEFAULT_KEYS = ("max_sequence_length",)
 
 
 def checkpoint_family(path_or_id: str | Path) -> str:
@@ -91,7 +95,40 @@ def load_pipeline(path_or_id: str | Path, dtype: torch.dtype | None = None, vae:
         pipe.scheduler = DDIMScheduler.from_config({"clip_sample": False, "set_alpha_to_one": False,
                                                     **pipe.scheduler.config})
     pipe.set_progress_bar_config(disable=True)
+    pipe.spo_call_defaults = read_call_defaults(path_or_id)
     return pipe
+
+
+def read_call_defaults(path_or_id: str | Path) -> dict:
+    """The checkpoint's declared call arguments (CALL_DEFAULTS_FILE), {} when it declares none."""
+    import json
+
+    path = Path(path_or_id) / CALL_DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SPOError(f"{path} is not readable JSON ({exc}); delete it to use the pipeline's defaults") from None
+    bad = {k: v for k, v in values.items() if k not in CALL_DEFAULT_KEYS or not isinstance(v, int) or v < 1} \
+        if isinstance(values, dict) else values
+    if bad:
+        raise SPOError(f"{path}: only positive integers for {', '.join(CALL_DEFAULT_KEYS)} are understood, got {bad}")
+    return values
+
+
+def save_pipeline(pipe, folder: Path) -> None:
+    """`pipe.save_pretrained`, keeping the call arguments the checkpoint declares."""
+    import json
+
+    pipe.save_pretrained(folder)
+    if call_defaults(pipe):
+        (Path(folder) / CALL_DEFAULTS_FILE).write_text(json.dumps(call_defaults(pipe), indent=2))
+
+
+def call_defaults(pipe) -> dict:
+    """Keyword arguments every call of `pipe` (and every prompt encoding) needs to match how it was trained."""
+    return dict(getattr(pipe, "spo_call_defaults", {}))
 
 
 def load_vae(path_or_id: str | Path, dtype: torch.dtype | None = None):
@@ -384,7 +421,8 @@ class FlowDiffusion(Diffusion):
     def encode_prompts(self, prompts: list[str]) -> tuple[Conditioning, Conditioning]:
         """(conditional, unconditional) as the pipeline builds them: the empty prompt is the unconditional."""
         cond, uncond, pooled, pooled_uncond = self.pipe.encode_prompt(
-            list(prompts), None, None, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=True)
+            list(prompts), None, None, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=True,
+            **call_defaults(self.pipe))
         return Conditioning(cond, pooled), Conditioning(uncond, pooled_uncond)
 
     def guided_output(self, x_t, t, cond, uncond, guidance: float, model=None) -> torch.Tensor:

@@ -25,7 +25,7 @@ from spo.errors import SPOError
 from spo.files import atomic_directory, atomic_write_text
 from spo.lora import check_init_lora, load_lora_into
 from spo.methods import get_method
-from spo.models import FAMILIES, check_lora_targets, lora_save_kwargs
+from spo.models import FAMILIES, check_lora_targets, lora_save_kwargs, read_call_defaults, save_pipeline
 from spo.runtime import (
     RunLock,
     assert_finite,
@@ -428,7 +428,7 @@ class Trainer:
                     write_model_card(tmp, self.cfg, type(self.diffusion.pipe).__name__)
                 else:
                     self.diffusion.unet = unet
-                    self.diffusion.pipe.save_pretrained(tmp)
+                    save_pipeline(self.diffusion.pipe, tmp)
             from spo.plots import training_curves
 
             training_curves(self.out / "metrics.jsonl", self.out / "curves.png")
@@ -488,22 +488,31 @@ threshold {s.threshold:g} ({s.keep_rule}), DDIM {s.num_steps} steps, eta {s.eta:
 The full recipe is `training_config.yaml` (config digest {cfg.digest()}).
 
 ```python
-{usage_snippet(pipeline_class, base, "path/to/this/folder", cfg.model.vae, s.num_steps, s.guidance_scale)}
+{usage_snippet(pipeline_class, base, "path/to/this/folder", cfg.model.vae, s.num_steps, s.guidance_scale,
+              _base_call_defaults(cfg))}
 ```
 """)
 
 
+def _base_call_defaults(cfg: SPOConfig) -> dict:
+    from spo.plugins import resolve
+
+    return read_call_defaults(resolve(cfg.model.pretrained))
+
+
 def usage_snippet(pipeline: str, base: str, lora: str | None, vae: str = "", steps: int = 20,
-                  guidance: float = 5.0) -> str:
+                  guidance: float = 5.0, call_kwargs: dict | None = None) -> str:
     """Python that loads a result in stock diffusers: the base pipeline (with `vae` if the run swapped it in),
-    then the LoRA on the pipeline instance (load_lora_weights is not a class method)."""
+    then the LoRA on the pipeline instance (load_lora_weights is not a class method); `call_kwargs` are the
+    call arguments the base checkpoint declares (models.CALL_DEFAULTS_FILE)."""
     lines = [f"from diffusers import {pipeline}" + (", AutoencoderKL" if vae else ""), ""]
     if vae:
         lines.append(f'vae = AutoencoderKL.from_pretrained("{vae}")')
     lines.append(f'pipe = {pipeline}.from_pretrained("{base}"' + (", vae=vae)" if vae else ")"))
     if lora:
         lines.append(f'pipe.load_lora_weights("{lora}")')
-    lines.append(f'image = pipe("a prompt", num_inference_steps={steps}, guidance_scale={guidance:g}).images[0]')
+    extra = "".join(f", {k}={v!r}" for k, v in (call_kwargs or {}).items())
+    lines.append(f'image = pipe("a prompt", num_inference_steps={steps}, guidance_scale={guidance:g}{extra}).images[0]')
     return "\n".join(lines)
 
 
@@ -528,7 +537,7 @@ def run_summary(cfg: SPOConfig, target: Path) -> str:
     absolute = str(Path(target).resolve())
     snippet = usage_snippet("DiffusionPipeline", resolve(cfg.model.pretrained) if lora else absolute,
                             absolute if lora else None, resolve(cfg.model.vae) if lora else "",
-                            cfg.sample.num_steps, cfg.sample.guidance_scale)
+                            cfg.sample.num_steps, cfg.sample.guidance_scale, _base_call_defaults(cfg))
     width = max(len(name) for name, _ in rows) + 1
     return "\n".join([f"run {run_name(lg)} done:", *(f"  {name + ':':<{width}} {where}" for name, where in rows),
                       "load it in diffusers:", textwrap.indent(snippet, "    ")])
