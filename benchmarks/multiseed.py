@@ -9,6 +9,11 @@ it includes seed-to-seed variation, not just prompt sampling.
     python benchmarks/multiseed.py --jobs 2                 # everything (hours on 2 CPU cores)
     python benchmarks/multiseed.py --rows spo,oracle        # some rows
     python benchmarks/multiseed.py --quick                  # seconds-long runs (what the tests run)
+    python benchmarks/multiseed.py --recipe flow_world.yaml --rows spo,trajectory,oracle-judge   # the flow world
+
+`--recipe` names the shipped config every row starts from (default configs/world.yaml, the SD world; the
+flow world's configs/flow_world.yaml trains world:sd3 with its own step judge world:spm_sd3). The model the
+images come from and the training judge reported beside the utility are the recipe's.
 
 Rows that need more than an override: `diffusion-dpo` trains configs/world_dpo.yaml; with
 `--tune-dpo` its β and learning rate are first chosen on the world's *validation* prompts (one run
@@ -46,6 +51,9 @@ ROWS = {
     "continue-best": ["sample.continuation=best"],
     "continue-worst": ["sample.continuation=worst"],
     "all-t": ["sample.divert_start_step=0"],
+    # Trajectory-level credit (Flow-GRPO/D3PO style): branch once, roll the K candidates to the end, judge the
+    # final images, and train every transition of the best against the worst trajectory.
+    "trajectory": ["sample.inner_steps=1000"],
     "K=2": ["sample.num_candidates=2"],
     "K=8": ["sample.num_candidates=8"],
     "threshold=0": ["sample.threshold=0.0"],
@@ -69,7 +77,7 @@ def run_one(job: dict) -> dict:
     from spo.trainer import Trainer, save_lora
 
     out = Path(job["work"]) / f"{job['row']}-seed{job['seed']}".replace(" ", "_")
-    cfg = load_config(SPOConfig, ROOT / "configs" / job.get("config", "world.yaml"), [
+    cfg = load_config(SPOConfig, ROOT / "configs" / job.get("config", job["recipe"]), [
         *job["overrides"], f"train.seed={job['seed']}", f"train.num_epochs={job['epochs']}",
         f"log.output_dir={out}", "log.report_to=none", "log.checkpointing_epochs=1000", *job["extra"]])
     utility = load_scorer("world-utility")
@@ -81,7 +89,7 @@ def run_one(job: dict) -> dict:
         s0 = time.time()
         where = out / "snapshots" / f"epoch-{tr.epoch}"
         save_lora(tr.acc.unwrap_model(tr.unet), where, cfg.model.lora_rank, cfg.model.lora_alpha)
-        images = generate(load_model("world:sd", str(where)), job["prompts"], EVAL_SEED, desc="snapshot")
+        images = generate(load_model(job["pretrained"], str(where)), job["prompts"], EVAL_SEED, desc="snapshot")
         snapshots.append(dict(epoch=tr.epoch, seconds=s0 - t0 - excluded[0], **_compute(tr),
                               utility=float(utility.score(images, job["prompts"]).mean())))
         excluded[0] += time.time() - s0
@@ -90,13 +98,13 @@ def run_one(job: dict) -> dict:
     lora = tr.train(on_epoch_end=snapshot)
     seconds = time.time() - t0 - excluded[0]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    images = generate(load_model("world:sd", lora), job["prompts"], EVAL_SEED, desc="eval")
+    images = generate(load_model(job["pretrained"], lora), job["prompts"], EVAL_SEED, desc="eval")
     scores = utility.score(images, job["prompts"])
     snapshots.append(dict(epoch=cfg.train.num_epochs, seconds=seconds, **_compute(tr), utility=float(scores.mean())))
     return dict(row=job["row"], seed=job["seed"], seconds=seconds, split=job.get("split", "test"),
                 overrides=job["overrides"], pairs_trained=int(sum(r.get("pairs_trained", 0) for r in rows)),
                 fraction_kept=float(np.mean([r.get("fraction_kept", float("nan")) for r in rows])),
-                utility=scores.tolist(), spm_t0=_spm_t0(images, job["prompts"]), snapshots=snapshots)
+                utility=scores.tolist(), spm_t0=_spm_t0(images, job["prompts"], job["judge"]), snapshots=snapshots)
 
 
 def evaluate_run(job: dict) -> dict:
@@ -113,7 +121,7 @@ def evaluate_run(job: dict) -> dict:
     curve = sorted((out / "snapshots").glob("epoch-*"), key=lambda d: int(d.name.split("-")[1]))
     for where in (curve if job["split"] == "test" else []) + [out / "lora"]:  # tuning runs: the final LoRA only
         epoch = int(where.name.split("-")[1]) if where.name != "lora" else rows[-1]["epoch"]
-        images = generate(load_model("world:sd", str(where)), job["prompts"], EVAL_SEED, desc="eval")
+        images = generate(load_model(job["pretrained"], str(where)), job["prompts"], EVAL_SEED, desc="eval")
         scores = utility.score(images, job["prompts"])
         m = next(r for r in rows if r["epoch"] == epoch)
         compute = dict(forward_rows=m["unet_forward_rows"], train_rows=m["unet_train_rows"])
@@ -123,18 +131,18 @@ def evaluate_run(job: dict) -> dict:
     return dict(row=job["row"], seed=job["seed"], seconds=snapshots[-1]["seconds"], split=job["split"],
                 overrides=job["overrides"], pairs_trained=int(sum(r.get("pairs_trained", 0) for r in rows)),
                 fraction_kept=float(np.mean([r.get("fraction_kept", float("nan")) for r in rows])),
-                utility=scores.tolist(), spm_t0=_spm_t0(images, job["prompts"]), snapshots=snapshots,
+                utility=scores.tolist(), spm_t0=_spm_t0(images, job["prompts"], job["judge"]), snapshots=snapshots,
                 trained_in=str(out))
 
 
-def run_folder_job(folder: Path, test: list[str], validation: list[str], threads: int) -> dict:
+def run_folder_job(folder: Path, test: list[str], validation: list[str], threads: int, recipe: dict) -> dict:
     """The evaluation job of `<row>-seed<N>` (tuning rows: `dpo-tune_beta=B_lr=L-seed0`, scored on validation)."""
     name, seed = folder.name.rsplit("-seed", 1)
     row = name.replace("_", " ")
     tune = row.startswith("dpo-tune")
     overrides = [f"dpo.beta={row.split('beta=')[1].split()[0]}", f"train.learning_rate={row.split('lr=')[1]}"] if tune \
         else ROWS.get(row, [])
-    return dict(dir=str(folder), row=row, seed=int(seed), overrides=overrides, threads=threads,
+    return dict(recipe, dir=str(folder), row=row, seed=int(seed), overrides=overrides, threads=threads,
                 split="validation" if tune else "test", prompts=validation if tune else test)
 
 
@@ -157,24 +165,34 @@ def train_no_t_spm(job: dict) -> str:
     return str(train_spm(cfg, log=lambda m: None, overwrite=True))
 
 
-def _spm_t0(images, prompts) -> list[float]:
+def _spm_t0(images, prompts, judge: str = "world:spm") -> list[float]:
+    """The recipe's step judge on the final images (t = 0): what training optimised, beside the utility."""
     import torch
 
     from spo.plugins import resolve
     from spo.preference.judges import load_scorer_model
 
-    spm = load_scorer_model(resolve("world:spm")).eval()
+    spm = load_scorer_model(resolve(judge)).eval()
     x = torch.as_tensor(images).permute(0, 3, 1, 2).float() * 2 - 1
     with torch.no_grad():
         return spm(x, prompts, torch.zeros(len(prompts), dtype=torch.long)).tolist()
 
 
-def base_scores(prompts: list[str]) -> dict:
+def base_scores(prompts: list[str], pretrained: str = "world:sd", judge: str = "world:spm") -> dict:
     from spo.generation import generate, load_model
     from spo.scorers import load_scorer
 
-    images = generate(load_model("world:sd"), prompts, EVAL_SEED, desc="base")
-    return dict(utility=load_scorer("world-utility").score(images, prompts).tolist(), spm_t0=_spm_t0(images, prompts))
+    images = generate(load_model(pretrained), prompts, EVAL_SEED, desc="base")
+    return dict(utility=load_scorer("world-utility").score(images, prompts).tolist(),
+                spm_t0=_spm_t0(images, prompts, judge))
+
+
+def recipe_models(recipe: str) -> dict:
+    """The recipe file, the model its rows fine-tune and the judge they train with."""
+    from spo.config import SPOConfig, load_config
+
+    cfg = load_config(SPOConfig, ROOT / "configs" / recipe, [])
+    return dict(recipe=recipe, pretrained=cfg.model.pretrained, judge=cfg.model.spm)
 
 
 def seeds_and_prompts_ci(gains: np.ndarray, n_boot: int = 4000, seed: int = 0) -> list[float]:
@@ -268,8 +286,8 @@ def relative_markdown(rel: list[dict], results: list[dict], meta: dict) -> str:
 
 def markdown(summary: list[dict], base: dict, meta: dict, tuning: list[dict] = ()) -> str:
     lines = [f"# World results over {meta['seeds']} seeds per row",
-             "", f"configs/world.yaml ({meta['epochs']} epochs) with one change per row; ground-truth utility on "
-             f"{meta['prompts']} held-out prompts (base {np.mean(base['utility']):.3f}). Gain = mean over seeds of the "
+             "", f"configs/{meta.get('recipe', 'world.yaml')} ({meta['epochs']} epochs) with one change per row; "
+             f"ground-truth utility on {meta['prompts']} held-out prompts (base {np.mean(base['utility']):.3f}). Gain = mean over seeds of the "
              "paired mean difference to the base model; CI = two-level bootstrap over seeds and prompts.", "",
              "| row | seeds | utility gain | 95% CI (seeds+prompts) | per-seed gains | SPM(t=0) gain | pairs/run | kept |",
              "|---|---|---|---|---|---|---|---|"]
@@ -299,6 +317,7 @@ def markdown(summary: list[dict], base: dict, meta: dict, tuning: list[dict] = (
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows (default: all)")
+    p.add_argument("--recipe", default="world.yaml", help="shipped config the rows change (flow world: flow_world.yaml)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--seed-from", type=int, default=0, help="train seeds seed-from .. seeds-1 (split one row over calls)")
     p.add_argument("--epochs", type=int, default=25)
@@ -336,6 +355,10 @@ def main(argv=None) -> dict:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
+    recipe = recipe_models(args.recipe)
+    if args.recipe != "world.yaml" and any(r in CONFIGS or r == "no-t-spm" for r in rows):
+        raise SystemExit(f"rows {', '.join(CONFIGS)}, no-t-spm have their own configs for the SD world; "
+                         f"with --recipe {args.recipe} choose among the others")
     extra = []
     if args.quick:
         rows = rows[:2] if args.rows == ",".join(ROWS) else rows
@@ -347,10 +370,11 @@ def main(argv=None) -> dict:
     validation = load_prompts("world:validation")[: args.prompts]
     t0 = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
-    base_file = args.out / ("multiseed_quick_base.json" if args.quick else "multiseed_base.json")
-    base = json.loads(args.base.read_text()) if args.base else base_scores(prompts)
+    name = ("multiseed_quick" if args.quick else "multiseed") + ("" if args.recipe == "world.yaml" else "_" + Path(args.recipe).stem)
+    base_file = args.out / f"{name}_base.json"
+    base = json.loads(args.base.read_text()) if args.base else base_scores(prompts, recipe["pretrained"], recipe["judge"])
     base_file.write_text(json.dumps(base))  # with the runs .jsonl, enough to summarise a cut-off call (--reuse, --base)
-    common = dict(epochs=args.epochs, work=str(args.work), threads=args.threads)
+    common = dict(recipe, epochs=args.epochs, work=str(args.work), threads=args.threads)
 
     def job(row, seed, overrides=None, prompts=prompts, **more):
         extra_row = DPO_QUICK if args.quick and row in CONFIGS else []
@@ -370,13 +394,13 @@ def main(argv=None) -> dict:
     if "no-t-spm" in rows and not args.no_t_spm:
         jobs.insert(0, dict(common, row="train-no-t-spm", seed=0, extra=SPM_QUICK if args.quick else []))
     if args.evaluate_runs:  # score folders trained elsewhere; nothing is trained
-        jobs = [run_folder_job(d, prompts, validation, args.threads) for d in sorted(args.evaluate_runs.iterdir())
+        jobs = [run_folder_job(d, prompts, validation, args.threads, recipe) for d in sorted(args.evaluate_runs.iterdir())
                 if (d / "lora").is_dir() and (d / "metrics.jsonl").is_file()]
         tune = [j for j in jobs if j["row"].startswith("dpo-tune")]
     reused = [json.loads(line) for line in args.reuse.read_text().splitlines() if line.strip()] if args.reuse else []
     done = {(r["row"], r["seed"]) for r in reused}
     jobs = [j for j in jobs if (j["row"], j["seed"]) not in done]
-    partial = args.out / ("multiseed_quick_runs.jsonl" if args.quick else "multiseed_runs.jsonl")
+    partial = args.out / f"{name}_runs.jsonl"
     partial.write_text("".join(json.dumps(r) + "\n" for r in reused))
     results, tuned = list(reused), [r for r in reused if r["row"].startswith("dpo-tune")]
     # Runs whose settings depend on earlier ones (the tuned Diffusion-DPO, the no-t judge's row) are
@@ -406,14 +430,13 @@ def main(argv=None) -> dict:
                         for seed in range(args.seeds):
                             nj = job("diffusion-dpo", seed, best["overrides"])
                             pending[pool.submit(run_one, nj)] = nj
-    tuning = dpo_tuning(tuned, base_scores(validation) if tuned else None)
+    tuning = dpo_tuning(tuned, base_scores(validation, recipe["pretrained"], recipe["judge"]) if tuned else None)
     summary = summarise(results, base)
     import platform
 
-    meta = dict(seeds=args.seeds, epochs=args.epochs, prompts=len(prompts), wall_seconds=time.time() - t0,
+    meta = dict(recipe=args.recipe, seeds=args.seeds, epochs=args.epochs, prompts=len(prompts), wall_seconds=time.time() - t0,
                 command="python benchmarks/multiseed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 machine=f"{platform.machine()}, {os.cpu_count()} cores, {args.jobs} jobs x {args.threads} threads")
-    name = "multiseed_quick" if args.quick else "multiseed"
     (args.out / f"{name}.json").write_text(json.dumps(dict(meta=meta, base=base, summary=summary, tuning=tuning,
                                                            runs=results), indent=1))
     text = markdown(summary, base, meta, tuning)

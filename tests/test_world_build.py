@@ -14,7 +14,7 @@ def test_tiny_build_writes_every_artifact_and_a_manifest(tiny_world):
     assert open_world(tiny_world) == tiny_world
     manifest = json.loads((tiny_world / "world.json").read_text())
     assert manifest["tiny"] is True
-    for stage in ("tokenizer", "clip", "sd", "preference", "pickscore"):
+    for stage in ("tokenizer", "clip", "sd", "sd3", "preference", "pickscore"):
         assert manifest["timings"][stage] >= 0
     assert (tiny_world / "report" / "base_samples.png").stat().st_size > 0
     assert not list(tiny_world.glob("*.partial"))
@@ -29,6 +29,48 @@ def test_stock_stable_diffusion_pipeline_loads_the_world_and_samples(tiny_world)
                generator=torch.Generator().manual_seed(0), output_type="np")
     assert out.images.shape == (2, 32, 32, 3)
     assert np.isfinite(out.images).all()
+
+
+def test_the_flow_world_is_a_stock_sd3_pipeline_declaring_its_short_t5_slot(tiny_world):
+    """world:sd3 loads with stock StableDiffusion3Pipeline (no T5) and samples; spo's loader finds the flow family
+    and the declared text length, and stock sampling with that length gives spo's images."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from spo.generation import generate
+    from spo.models import FlowDiffusion, load_diffusion
+    from spo.world.architecture import FLOW_T5_TOKENS
+
+    stock = StableDiffusion3Pipeline.from_pretrained(tiny_world / "sd3", text_encoder_3=None, tokenizer_3=None)
+    stock.set_progress_bar_config(disable=True)
+    assert isinstance(stock.scheduler, FlowMatchEulerDiscreteScheduler) and stock.vae.config.shift_factor == 0.0
+    prompts_ = ["a red circle", "a blue square above a yellow triangle"]
+    expected = stock(prompts_, num_inference_steps=2, guidance_scale=5.0, max_sequence_length=FLOW_T5_TOKENS,
+                     generator=[torch.Generator().manual_seed(i) for i in range(2)], output_type="np").images
+    d = load_diffusion(tiny_world / "sd3")
+    assert isinstance(d, FlowDiffusion) and d.family == "sd3"
+    cond, _ = d.encode_prompts(prompts_)
+    assert cond.embeds.shape[1] == d.pipe.tokenizer.model_max_length + FLOW_T5_TOKENS
+    ours = generate(d.pipe, prompts_, seed=0, steps=2, guidance=5.0)
+    assert ours.shape == (2, 32, 32, 3) and np.isfinite(ours).all()
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
+
+
+def test_the_flow_world_recipe_trains_on_the_tiny_flow_world(tiny_world, tiny_spm, tmp_path):
+    """configs/flow_world.yaml end to end at toy size: SPO on world:sd3 with the SDE sampler, a LoRA out."""
+    from pathlib import Path
+
+    from spo.config import SPOConfig, load_config
+    from spo.trainer import Trainer
+
+    cfg = load_config(SPOConfig, Path(__file__).parents[1] / "configs" / "flow_world.yaml", [
+        f"model.pretrained={tiny_world / 'sd3'}", f"model.spm={tiny_spm}", "sample.num_steps=4",
+        "sample.divert_start_step=1", "sample.batch_size=2", "sample.threshold=0", "train.batch_size=2",
+        "train.num_epochs=1", f"log.output_dir={tmp_path / 'run'}", "log.report_to=none"])
+    trainer = Trainer(cfg, log=lambda m: None).setup()
+    lora = trainer.train()
+    assert trainer.diffusion.family == "sd3" and (Path(lora) / "pytorch_lora_weights.safetensors").is_file()
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert rows and '"pairs_trained": 0' not in rows[-1]
 
 
 def test_preference_data_has_the_pick_a_pic_schema(tiny_world):

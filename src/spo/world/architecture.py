@@ -1,4 +1,4 @@
-"""The world's models: the classes of Stable Diffusion 1.5 and PickScore, at toy size.
+"""The world's models: the classes of Stable Diffusion 1.5, Stable Diffusion 3 and PickScore, at toy size.
 
 Everything is a stock `diffusers`/`transformers` class built from a config, so that saving and
 loading them is exactly the code path of `runwayml/stable-diffusion-v1-5` and
@@ -7,7 +7,8 @@ loading them is exactly the code path of `runwayml/stable-diffusion-v1-5` and
 
 from __future__ import annotations
 
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                       UNet2DConditionModel)
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
 from spo.world.scenes import IMAGE_SIZE
@@ -64,3 +65,28 @@ def scheduler() -> DDIMScheduler:
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
     )
+
+
+# The flow world's T5 slot: SD3 without T5 feeds the transformer this many zero tokens after the CLIP tokens
+# (the pipeline's max_sequence_length, 256 by default). Eight keep the joint attention short on a CPU; the
+# checkpoint declares it (spo_pipeline.json) so that spo and stock calls use the same length.
+FLOW_T5_TOKENS = 8
+
+
+def flow_transformer(text_dim: int, tiny: bool = False) -> SD3Transformer2DModel:
+    """SD3's MMDiT at toy size on the SD world's 4-channel 16x16 latents (2x2 patches: 64 image tokens).
+
+    Both CLIP slots hold the world's text tower, so the joint (token) width is 2 * text_dim and the pooled
+    projection is the two pooled embeddings side by side, as in SD3.
+    """
+    heads, head_dim, layers = (2, 8, 2) if tiny else (4, 32, 4)  # 2: the last block has no text output (to_add_out)
+    return SD3Transformer2DModel(
+        sample_size=IMAGE_SIZE // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=2 * text_dim,
+        caption_projection_dim=heads * head_dim, pooled_projection_dim=2 * text_dim, pos_embed_max_size=IMAGE_SIZE // 4,
+    )
+
+
+def flow_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """No timestep shift: SD3 shifts by 3 for 1024 px images; at 32 px the plain schedule is the natural one."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)

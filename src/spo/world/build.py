@@ -6,6 +6,8 @@ complete, so an interrupted build continues where it stopped):
     tokenizer    CLIP BPE vocabulary for the caption grammar
     clip         the world's CLIP, trained contrastively on captions and scenes
     sd           Stable Diffusion pipeline: the CLIP text tower (frozen), a VAE and a UNet trained on scenes
+    sd3          the flow-matching world: a Stable Diffusion 3 pipeline (MMDiT transformer trained with rectified
+                 flow on the same scenes; sd's VAE and text tower, no T5)
     preference   image pairs sampled from `sd`, labelled by simulated humans, in the Pick-a-Pic schema
     pickscore    the CLIP fine-tuned on the preference pairs with the PickScore loss
     spm_preference  fresh pairs on the training prompts, for training the step-aware preference model
@@ -54,6 +56,9 @@ class BuildConfig:
     unet_batch: int = 64
     unet_lr: float = 8e-4
     ema_decay: float = 0.999
+    flow_steps: int = 2400  # the flow world's transformer (stage sd3)
+    flow_batch: int = 64
+    flow_lr: float = 5e-4
     caption_dropout: float = 0.1  # so classifier-free guidance works
     pairs: dict = field(default_factory=lambda: {"train": 2000, "validation": 200, "test": 400})
     # Fresh pairs on the training prompts for the step-aware preference model: PickScore has
@@ -71,7 +76,7 @@ class BuildConfig:
     def tiny_config(cls, seed: int = 0) -> "BuildConfig":
         return cls(
             seed=seed, tiny=True, n_images=256, clip_steps=3, clip_batch=16, vae_steps=3, vae_batch=8,
-            unet_steps=3, unet_batch=8, pairs={"train": 12, "validation": 4, "test": 6}, spm_pairs=8, sample_steps=3,
+            unet_steps=3, unet_batch=8, flow_steps=3, flow_batch=8, pairs={"train": 12, "validation": 4, "test": 6}, spm_pairs=8, sample_steps=3,
             pickscore_steps=3, pickscore_batch=4,
         )
 
@@ -212,6 +217,68 @@ def sd_pipeline(unet, vae, text_encoder, tokenizer):
     )
 
 
+def flow_pipeline(transformer, vae, text_encoder, tokenizer):
+    """The flow world as SD3: the world's text tower in both CLIP slots, no T5 (its slot: FLOW_T5_TOKENS zeros),
+    sd's VAE (SD3's pipeline reads a shift factor: 0 here), declared call length so every caller matches."""
+    from diffusers import StableDiffusion3Pipeline
+
+    vae.register_to_config(shift_factor=0.0)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=architecture.flow_scheduler(), vae=vae, text_encoder=text_encoder,
+        tokenizer=tokenizer, text_encoder_2=text_encoder, tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
+    pipe.spo_call_defaults = {"max_sequence_length": architecture.FLOW_T5_TOKENS}
+    return pipe
+
+
+@torch.no_grad()
+def _flow_caption_table(pipe, vocab: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SD3 conditioning (token embeddings, pooled) of every caption, encoded once as the pipeline encodes."""
+    parts = [pipe.encode_prompt(vocab[i : i + 256], None, None, device="cpu", do_classifier_free_guidance=False,
+                                **pipe.spo_call_defaults) for i in range(0, len(vocab), 256)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[2] for p in parts])
+
+
+def train_flow_transformer(images, captions, pipe, cfg: BuildConfig, gen: torch.Generator):
+    """Rectified flow: x_t = (1 − t)·x0 + t·ε, the transformer regresses the velocity ε − x0, with t drawn
+    logit-normal as SD3 was trained; EMA weights, as for the UNet."""
+    transformer = pipe.transformer
+    ema = [p.detach().clone() for p in transformer.parameters()]
+    latents = _encode_all(pipe.vae, images, gen)  # the VAE's shift is 0: scaled latents as for the UNet
+    vocab = sorted(set(captions)) + [""]
+    embeds, pooled = _flow_caption_table(pipe, vocab)
+    index = {c: i for i, c in enumerate(vocab)}
+    caption_ids = torch.tensor([index[c] for c in captions])
+    opt = torch.optim.AdamW(transformer.parameters(), lr=cfg.flow_lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, cfg.flow_steps, warmup=100))
+    transformer.train()
+    bar = tqdm(range(cfg.flow_steps), desc="sd3 transformer (flow matching)", leave=False)
+    for _ in bar:
+        idx = torch.randint(len(latents), (cfg.flow_batch,), generator=gen)
+        x0 = latents[idx]
+        cond = caption_ids[idx].clone()
+        cond[torch.rand(len(idx), generator=gen) < cfg.caption_dropout] = index[""]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.sigmoid(torch.randn(len(idx), generator=gen))
+        x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+        pred = transformer(x_t, encoder_hidden_states=embeds[cond], pooled_projections=pooled[cond],
+                           timestep=t * 1000).sample
+        loss = F.mse_loss(pred, noise - x0)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for e, p in zip(ema, transformer.parameters()):
+                e.lerp_(p, 1 - cfg.ema_decay)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    with torch.no_grad():
+        for e, p in zip(ema, transformer.parameters()):
+            p.copy_(e)
+    transformer.eval()
+    return pipe
+
+
 def train_pickscore(clip, tokenizer, train_rows, cfg: BuildConfig, gen: torch.Generator):
     """Fine-tune with the PickScore loss: softmax over the pair's two scores vs the label distribution."""
     from spo.world.preference_data import decode_pair_tensors
@@ -239,7 +306,7 @@ def train_pickscore(clip, tokenizer, train_rows, cfg: BuildConfig, gen: torch.Ge
 # ------------------------------------------------------------------ the whole build
 
 
-WORLD_ENTRIES = ("tokenizer", "clip", "sd", "preference", "pickscore", "spm_preference", "spm", "prompts", "report",
+WORLD_ENTRIES = ("tokenizer", "clip", "sd", "sd3", "spm_sd3", "preference", "pickscore", "spm_preference", "spm", "prompts", "report",
                  "timings.json", "world.json")
 
 
@@ -300,7 +367,7 @@ def _build(out: Path, cfg: BuildConfig, force: bool, log) -> dict:
         finish("tokenizer", t0)
     tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
 
-    need_data = not (out / "clip").exists() or not (out / "sd").exists()
+    need_data = not all((out / name).exists() for name in ("clip", "sd", "sd3"))
     images, captions = pretraining_data(cfg.n_images, cfg.seed) if need_data else (None, None)
 
     done, t0 = stage("clip")
@@ -318,6 +385,26 @@ def _build(out: Path, cfg: BuildConfig, force: bool, log) -> dict:
         with atomic_directory(out / "sd") as tmp:
             sd_pipeline(unet, vae, text_encoder, tokenizer).save_pretrained(tmp)
         finish("sd", t0)
+
+    done, t0 = stage("sd3")
+    if not done:
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextModelWithProjection
+
+        from spo.models import save_pipeline
+
+        # Its own seed, global RNG untouched: the flow world and the later stages are the same whether it is
+        # built with the rest or added to an existing world.
+        flow_gen = torch.Generator().manual_seed(cfg.seed + hash_split("sd3"))
+        text_encoder = CLIPTextModelWithProjection.from_pretrained(out / "clip").eval()
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed + hash_split("sd3"))
+            transformer = architecture.flow_transformer(text_encoder.config.hidden_size, tiny=cfg.tiny)
+        pipe = flow_pipeline(transformer, AutoencoderKL.from_pretrained(out / "sd" / "vae"), text_encoder, tokenizer)
+        pipe = train_flow_transformer(images, captions, pipe, cfg, flow_gen)
+        with atomic_directory(out / "sd3") as tmp:
+            save_pipeline(pipe, tmp)
+        finish("sd3", t0)
     del images, captions
 
     done, t0 = stage("preference")
@@ -374,7 +461,7 @@ def _save_clip(clip, tokenizer, final: Path) -> None:
 
 
 def hash_split(split: str) -> int:
-    return {"train": 1_000_000, "validation": 2_000_000, "test": 3_000_000, "spm": 4_000_000}[split]
+    return {"train": 1_000_000, "validation": 2_000_000, "test": 3_000_000, "spm": 4_000_000, "sd3": 5_000_000}[split]
 
 
 def _jsonable(cfg: BuildConfig) -> dict:
