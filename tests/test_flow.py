@@ -423,3 +423,17 @@ def test_a_checkpoints_declared_text_length_reaches_encoding_generation_and_savi
     (ckpt / CALL_DEFAULTS_FILE).write_text(json.dumps({"max_sequence_length": "eight"}))
     with pytest.raises(SPOError, match="positive integers"):
         load_pipeline(ckpt)
+
+
+def test_init_lora_continues_from_an_sd3_lora(sd3_run, sd3_dir, sd3_spm, tmp_path):
+    """model.init_lora reads a flow LoRA (keys under transformer., not unet.) into the fresh adapters."""
+    from safetensors.torch import load_file
+
+    from spo.trainer import Trainer, save_lora
+
+    _, lora_dir, _ = sd3_run
+    tr = Trainer(_spo_config(sd3_dir, sd3_spm, tmp_path / "continued", f"model.init_lora={lora_dir}"),
+                 log=lambda m: None).setup()
+    save_lora(tr.acc.unwrap_model(tr.unet), tmp_path / "now", 4, 4.0, type(tr.diffusion.pipe))
+    saved, now = (load_file(str(d / "pytorch_lora_weights.safetensors")) for d in (lora_dir, tmp_path / "now"))
+    assert saved.keys() == now.keys() and all(torch.equal(saved[k], now[k]) for k in saved)

@@ -13,7 +13,7 @@ from spo.lora import lora_info
 
 
 def load_model(pretrained: str, lora: str | Path | None = None, vae: str | Path | None = None):
-    """An SD, SDXL or SD3 pipeline from `pretrained` (hub id / dir / world:sd), with a LoRA dir or full-pipeline
+    """An SD, SDXL, SD3 or FLUX pipeline from `pretrained` (hub id / dir / world:sd), with a LoRA dir or full-pipeline
     dir applied; `vae` replaces the pipeline's VAE (e.g. madebyollin/sdxl-vae-fp16-fix)."""
     from spo.models import load_pipeline, pipeline_family
     from spo.plugins import resolve
@@ -28,7 +28,8 @@ def load_model(pretrained: str, lora: str | Path | None = None, vae: str | Path 
         info = lora_info(Path(lora))
         trained_on = info.get("family", "sd") if info is not None else None
         if trained_on and trained_on != pipeline_family(pipe):
-            raise SPOError(f"LoRA {lora} was trained on an {trained_on.upper()} model but {pretrained} is "
+            article = "an" if trained_on.startswith("s") else "a"  # SD is read letter by letter, FLUX as a word
+            raise SPOError(f"LoRA {lora} was trained on {article} {trained_on.upper()} model but {pretrained} is "
                            f"{pipeline_family(pipe).upper()}; give --pretrained the model it was trained from")
         try:
             pipe.load_lora_weights(str(lora))
@@ -42,7 +43,7 @@ def generate(pipe, prompts: list[str], seed: int, steps: int = 20, guidance: flo
              batch: int = 32, desc: str = "generate") -> np.ndarray:
     """HxWx3 float images in [0, 1]; image i uses seed `seed + i`, so models compare image for image.
 
-    Flow pipelines (SD3) sample with their ODE (Euler) and take no eta: there eta must be 0."""
+    Flow pipelines (SD3, FLUX) sample with their ODE (Euler) and take no eta: there eta must be 0."""
     import inspect
 
     from spo.models import call_defaults

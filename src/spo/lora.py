@@ -78,8 +78,10 @@ def load_lora_into(unet, folder: Path) -> None:
     from safetensors.torch import load_file
 
     saved = load_file(str(Path(folder) / LORA_WEIGHTS))
-    saved = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in saved.items()
-                                             if k.startswith("unet.")})
+    # The network's keys carry the pipeline component's name: unet. (SD, SDXL) or transformer. (SD3, FLUX).
+    prefix = "transformer." if any(k.startswith("transformer.") for k in saved) else "unet."
+    saved = convert_unet_state_dict_to_peft({k.removeprefix(prefix): v for k, v in saved.items()
+                                             if k.startswith(prefix)})
     fresh = get_peft_model_state_dict(unet)
     mismatched = sorted(set(saved) ^ set(fresh)) or [k for k in fresh if saved[k].shape != fresh[k].shape]
     if mismatched:

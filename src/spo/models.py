@@ -7,7 +7,9 @@ encoders' hidden states and adds the pooled embedding of the second and the imag
 micro-conditioning (`add_time_ids`). Both travel in one `Conditioning`, so the resampler, the
 losses, the trainer and the SPM training never ask which family they run. SD3/SD3.5 (`FlowDiffusion`)
 are rectified-flow transformers: three text encoders (T5 optional), pooled projections, and flow
-transitions (`spo.flow_sampling`) in place of DDIM's.
+transitions (`spo.flow_sampling`) in place of DDIM's. FLUX.1 (`FluxDiffusion`) shares SD3's flow maths; its
+transformer reads latents as a sequence of 2x2 patches with their positions, and FLUX.1-dev takes the guidance
+scale as an input instead of running classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ from spo.flow_sampling import FLOW_SAMPLERS, flow_noised, flow_x0
 from spo.sampling import add_noise, ddim_schedule, ddim_transition, denoising_target, predict_x0, work_dtype
 
 # The pipeline classes spo trains, by the `_class_name` a checkpoint's model_index.json declares.
-FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
+FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3",
+            "FluxPipeline": "flux"}
 # The scheduler each family samples with (load_pipeline puts it in place): DDIM, or the flow models' Euler.
-SAMPLING_SCHEDULERS = {"sd": "DDIMScheduler", "sdxl": "DDIMScheduler", "sd3": "FlowMatchEulerDiscreteScheduler"}
+SAMPLING_SCHEDULERS = {"sd": "DDIMScheduler", "sdxl": "DDIMScheduler", "sd3": "FlowMatchEulerDiscreteScheduler",
+                       "flux": "FlowMatchEulerDiscreteScheduler"}
+FLOW_FAMILIES = ("sd3", "flux")
 # Pipeline-call arguments a checkpoint was trained with where they differ from the pipeline's defaults, declared
 # in this file beside model_index.json (e.g. the world's flow model: an 8-token T5 slot, max_sequence_length 8).
 CALL_DEFAULTS_FILE = "spo_pipeline.json"
@@ -33,7 +38,7 @@ CALL_DEFAULT_KEYS = ("max_sequence_length",)
 
 
 def checkpoint_family(path_or_id: str | Path) -> str:
-    """The family, "sd", "sdxl" or "sd3", read from the checkpoint itself: a config never has to say which."""
+    """The family, "sd", "sdxl", "sd3" or "flux", read from the checkpoint itself: a config never has to say which."""
     from diffusers import DiffusionPipeline
 
     local = Path(path_or_id)
@@ -47,7 +52,7 @@ def checkpoint_family(path_or_id: str | Path) -> str:
     name = index.get("_class_name", "")
     if name not in FAMILIES:
         raise SPOError(f"{path_or_id} holds a {name or 'pipeline of unknown class'}; spo trains "
-                       f"{', '.join(FAMILIES)} checkpoints (SD 1.x/2.x, SDXL base, SD3/SD3.5)")
+                       f"{', '.join(FAMILIES)} checkpoints (SD 1.x/2.x, SDXL base, SD3/SD3.5, FLUX.1)")
     return FAMILIES[name]
 
 
@@ -57,7 +62,7 @@ def pipeline_family(pipe) -> str:
 
 
 def load_pipeline(path_or_id: str | Path, dtype: torch.dtype | None = None, vae: str | Path | None = None):
-    """An SD, SDXL or SD3 pipeline (the family is read from the checkpoint), optionally with a separate VAE.
+    """An SD, SDXL, SD3 or FLUX pipeline (the family is read from the checkpoint), optionally with a separate VAE.
 
     `vae` is an AutoencoderKL (hub id, its own directory, or a pipeline directory with a vae/
     folder), e.g. madebyollin/sdxl-vae-fp16-fix: SDXL's own VAE overflows in fp16.
@@ -66,6 +71,7 @@ def load_pipeline(path_or_id: str | Path, dtype: torch.dtype | None = None, vae:
         DDIMScheduler,
         DiffusionPipeline,
         FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
         StableDiffusion3Pipeline,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
@@ -77,16 +83,17 @@ def load_pipeline(path_or_id: str | Path, dtype: torch.dtype | None = None, vae:
         kwargs["vae"] = load_vae(vae, dtype)
     if family == "sd":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    if family == "sd3":  # components saved as absent (T5: text_encoder_3, tokenizer_3) load as None
+    if family in FLOW_FAMILIES:  # components saved as absent (SD3's T5: text_encoder_3, tokenizer_3) load as None
         index = DiffusionPipeline.load_config(str(path_or_id))
         kwargs.update({k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]})
-    cls = {"sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline}.get(family, StableDiffusionPipeline)
+    cls = {"sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}.get(
+        family, StableDiffusionPipeline)
     try:
         pipe = cls.from_pretrained(str(path_or_id), **kwargs)
     except Exception as exc:  # diffusers raises many exception types for missing or corrupt models
         raise SPOError(f"could not load a Stable Diffusion pipeline from {path_or_id!r} "
                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
-    if family == "sd3":
+    if family in FLOW_FAMILIES:
         if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):  # flow transitions need its sigmas
             pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
     elif not isinstance(pipe.scheduler, DDIMScheduler):
@@ -333,6 +340,11 @@ class Diffusion:
         """What the network is trained to output at noised(x0, noise, t): ε, v or x0 (the prediction type)."""
         return denoising_target(self.scheduler, x0, noise, t)
 
+    def regression_guidance(self, guidance: float) -> float:
+        """The guidance at which a plain denoising loss (Diffusion-DPO) evaluates the network: 1, no CFG, as
+        diffusers' training scripts do; a guidance-distilled model (FLUX.1-dev) takes its scale as an input."""
+        return 1.0
+
     def x0_images(self, x_t, t, cond, uncond, guidance: float, model=None):
         """One guided call at (x_t, t), its x0-prediction decoded to images in [-1, 1]; also the raw output.
 
@@ -447,17 +459,21 @@ class FlowDiffusion(Diffusion):
     def schedule(self, num_steps: int) -> list[tuple[float, float]]:
         """The pipeline's own (shifted) timesteps; the last step leads to t_prev = 0, the clean sample."""
         s = type(self.scheduler).from_config(self.scheduler.config)
-        kwargs = {}
-        if s.config.get("use_dynamic_shifting", False):  # resolution-dependent shift, as the pipeline computes it
-            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
-            c, tokens = s.config, (self.unet.config.sample_size // self.unet.config.patch_size) ** 2
-            kwargs["mu"] = calculate_shift(tokens, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                                           c.get("base_shift", 0.5), c.get("max_shift", 1.16))
-        s.set_timesteps(num_steps, **kwargs)
+        self._set_timesteps(s, num_steps)
         t = s.timesteps.tolist()
         prev = (s.sigmas[1 : len(t) + 1] * s.config.num_train_timesteps).tolist()
         return list(zip(t, prev))
+
+    def _set_timesteps(self, scheduler, num_steps: int) -> None:
+        """`scheduler.set_timesteps` as StableDiffusion3Pipeline calls it."""
+        kwargs = {}
+        if scheduler.config.get("use_dynamic_shifting", False):  # resolution-dependent shift, as the pipeline does
+            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+            c, tokens = scheduler.config, (self.unet.config.sample_size // self.unet.config.patch_size) ** 2
+            kwargs["mu"] = calculate_shift(tokens, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                                           c.get("base_shift", 0.5), c.get("max_shift", 1.16))
+        scheduler.set_timesteps(num_steps, **kwargs)
 
     def initial_latents(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         cfg = self.unet.config
@@ -495,8 +511,114 @@ class FlowDiffusion(Diffusion):
             return self.vae.decode(latents).sample.clamp(-1, 1)
 
 
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) latents -> FLUX's token sequence (B, H/2·W/2, 4C): one token per 2x2 patch, row by row,
+    its features channel-major (c, dy, dx), as FluxPipeline packs them."""
+    b, c, h, w = latents.shape
+    patches = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(b, (h // 2) * (w // 2), 4 * c)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inverse of `pack_latents` for latents of `height` x `width`."""
+    b, _, features = tokens.shape
+    patches = tokens.reshape(b, height // 2, width // 2, features // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(b, features // 4, height, width)
+
+
+def latent_positions(height: int, width: int, device, dtype) -> torch.Tensor:
+    """FLUX's img_ids: (0, row, column) of every packed patch (the transformer's rotary position embedding reads
+    them; text tokens get (0, 0, 0), the txt_ids)."""
+    rows, cols = torch.meshgrid(torch.arange(height // 2), torch.arange(width // 2), indexing="ij")
+    ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
+    return ids.to(device=device, dtype=dtype)
+
+
+@dataclass
+class FluxDiffusion(FlowDiffusion):
+    """FLUX.1 (dev, schnell): a rectified-flow transformer with SD3's maths (`FlowDiffusion`'s transitions,
+    noising, x0-prediction, VAE shift and scale) and its own interface.
+
+    - Latents stay (B, C, H, W) at the seam; `guided_output` packs them into 2x2-patch tokens with their
+      positions (img_ids) for the transformer and unpacks its output.
+    - Conditioning: T5's hidden states and CLIP's pooled embedding; text tokens sit at position 0 (txt_ids).
+    - Guidance: FLUX.1-dev is guidance-distilled: one call takes the guidance scale as an input, no
+      classifier-free guidance, so the unconditional is never evaluated. schnell takes none (the scale is
+      ignored, as FluxPipeline ignores it).
+    - Timesteps at the seam are the scheduler's 0..1000; the transformer gets t/1000 as FluxPipeline passes it.
+    """
+
+    @property
+    def family(self) -> str:
+        return "flux"
+
+    def frozen_modules(self) -> list:
+        parts = (self.pipe.vae, self.pipe.text_encoder, self.pipe.text_encoder_2)  # CLIP and T5
+        return [m for m in parts if m is not None]
+
+    @property
+    def resolution(self) -> int:
+        """FLUX's config has no native size: the pipeline's default (1024 px for FLUX.1), which `spo generate`
+        and any stock call without height/width draw."""
+        return self.pipe.default_sample_size * self.pipe.vae_scale_factor
+
+    def _latent_size(self) -> int:
+        """Latent height (= width) at `resolution`, rounded down to whole 2x2 patches as the pipeline does."""
+        return 2 * (self.resolution // (self.pipe.vae_scale_factor * 2))
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> tuple[Conditioning, Conditioning]:
+        """(conditional, unconditional); without classifier-free guidance the unconditional is the conditional
+        itself (the seam passes one along; FLUX never evaluates it)."""
+        embeds, pooled, _ = self.pipe.encode_prompt(list(prompts), None, device=self.device, num_images_per_prompt=1,
+                                                    **call_defaults(self.pipe))
+        cond = Conditioning(embeds, pooled)
+        return cond, cond
+
+    def guided_output(self, x_t, t, cond, uncond, guidance: float, model=None) -> torch.Tensor:
+        """The velocity of one transformer call (`uncond` unused). x_t's packed tokens go first and positional:
+        the trainer's row counter reads args[0]."""
+        model = model if model is not None else self.unet
+        cond = as_conditioning(cond)
+        b, _, h, w = x_t.shape
+        out = model(pack_latents(x_t), encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled,
+                    timestep=self._flow_time(t, x_t), guidance=self._embedded_guidance(guidance, b, x_t.device),
+                    img_ids=latent_positions(h, w, x_t.device, cond.dtype),
+                    txt_ids=torch.zeros(cond.embeds.shape[1], 3, device=x_t.device, dtype=cond.dtype),
+                    return_dict=False)[0]
+        return unpack_latents(out, h, w)
+
+    def regression_guidance(self, guidance: float) -> float:
+        """FLUX.1-dev is trained at its embedded guidance (diffusers' FLUX scripts: the sampling scale)."""
+        return guidance if self.pipe.transformer.config.guidance_embeds else 1.0
+
+    def _embedded_guidance(self, guidance: float, batch: int, device) -> torch.Tensor | None:
+        """The guidance input of a guidance-distilled model (the pipeline's own transformer's config decides: the
+        trainer's policy may be wrapped for distributed training)."""
+        if not self.pipe.transformer.config.guidance_embeds:
+            return None
+        return torch.full((batch,), float(guidance), device=device, dtype=torch.float32)
+
+    def _set_timesteps(self, scheduler, num_steps: int) -> None:
+        """`scheduler.set_timesteps` as FluxPipeline calls it: sigmas linspace(1, 1/N, N), shifted by mu from the
+        image's token count when the scheduler shifts dynamically (FLUX.1-dev; schnell does not)."""
+        import numpy as np
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        c, tokens = scheduler.config, (self._latent_size() // 2) ** 2
+        mu = calculate_shift(tokens, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                             c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+
+    def initial_latents(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """The noise FluxPipeline.prepare_latents draws from a CPU generator, before it packs it."""
+        size = self._latent_size()
+        shape = (batch, self.unet.config.in_channels // 4, size, size)  # in_channels counts the packed 2x2 patch
+        return torch.randn(shape, generator=generator).to(self.device)
+
+
 # The adapter class of each family; a new family registers its own here.
-ADAPTERS: dict[str, type] = {"sd": Diffusion, "sdxl": Diffusion, "sd3": FlowDiffusion}
+ADAPTERS: dict[str, type] = {"sd": Diffusion, "sdxl": Diffusion, "sd3": FlowDiffusion, "flux": FluxDiffusion}
 
 
 def lora_save_kwargs(pipeline_cls, network) -> dict:

@@ -99,8 +99,9 @@ class DiffusionDPO:
 
     def loss(self, trainer, batch):
         x_t, t, target, cond, n = batch
-        err_ref = per_sample_mse(trainer.reference_output(x_t, t, cond, cond, guidance=1.0), target)
-        err_pol = per_sample_mse(trainer.diffusion.guided_output(x_t, t, cond, cond, 1.0, model=trainer.unet), target)
+        g = trainer.diffusion.regression_guidance(self.cfg.sample.guidance_scale)
+        err_ref = per_sample_mse(trainer.reference_output(x_t, t, cond, cond, guidance=g), target)
+        err_pol = per_sample_mse(trainer.diffusion.guided_output(x_t, t, cond, cond, g, model=trainer.unet), target)
         loss, margin = diffusion_dpo_loss(err_pol[:n], err_pol[n:], err_ref[:n], err_ref[n:], self.cfg.dpo.beta)
         return loss, dict(reward_accuracy=(margin > 0).float().mean().item(), margin=margin.mean().item())
 
