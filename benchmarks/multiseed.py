@@ -29,6 +29,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import resource
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -97,6 +98,7 @@ def run_one(job: dict) -> dict:
     tr = Trainer(cfg, overwrite=True, log=lambda m: None).setup()
     lora = tr.train(on_epoch_end=snapshot)
     seconds = time.time() - t0 - excluded[0]
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this run's process, before evaluation
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     images = generate(load_model(job["pretrained"], lora), job["prompts"], EVAL_SEED, desc="eval")
     scores = utility.score(images, job["prompts"])
@@ -104,7 +106,8 @@ def run_one(job: dict) -> dict:
     return dict(row=job["row"], seed=job["seed"], seconds=seconds, split=job.get("split", "test"),
                 overrides=job["overrides"], pairs_trained=int(sum(r.get("pairs_trained", 0) for r in rows)),
                 fraction_kept=float(np.mean([r.get("fraction_kept", float("nan")) for r in rows])),
-                utility=scores.tolist(), spm_t0=_spm_t0(images, job["prompts"], job["judge"]), snapshots=snapshots)
+                utility=scores.tolist(), spm_t0=_spm_t0(images, job["prompts"], job["judge"]), snapshots=snapshots,
+                peak_rss_mb=peak_rss_mb)
 
 
 def evaluate_run(job: dict) -> dict:
@@ -223,6 +226,8 @@ def summarise(results: list[dict], base: dict) -> list[dict]:
                         pairs_trained=int(np.mean([r["pairs_trained"] for r in runs])),
                         fraction_kept=float(np.mean([r["fraction_kept"] for r in runs])),
                         train_seconds=float(np.mean([r["seconds"] for r in runs])),
+                        pairs_per_s=float(np.mean([r["pairs_trained"] / r["seconds"] for r in runs])),
+                        peak_rss_mb=float(np.mean([r.get("peak_rss_mb", float("nan")) for r in runs])),
                         forward_equivalents=_mean_final(runs, "forward_equivalents"),
                         curve=_curve(runs, float(np.mean(base["utility"])))))
     return out
@@ -289,13 +294,15 @@ def markdown(summary: list[dict], base: dict, meta: dict, tuning: list[dict] = (
              "", f"configs/{meta.get('recipe', 'world.yaml')} ({meta['epochs']} epochs) with one change per row; "
              f"ground-truth utility on {meta['prompts']} held-out prompts (base {np.mean(base['utility']):.3f}). Gain = mean over seeds of the "
              "paired mean difference to the base model; CI = two-level bootstrap over seeds and prompts.", "",
-             "| row | seeds | utility gain | 95% CI (seeds+prompts) | per-seed gains | SPM(t=0) gain | pairs/run | kept |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| row | seeds | utility gain | 95% CI (seeds+prompts) | per-seed gains | SPM(t=0) gain | pairs/run | kept "
+             "| pairs/s | peak RSS (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary:
         lo, hi = r["utility_gain_ci95"]
         lines.append(f"| {r['row']} | {r['seeds']} | {r['utility_gain']:+.4f} | [{lo:+.4f}, {hi:+.4f}] | "
                      f"{', '.join(f'{g:+.3f}' for g in r['per_seed_gain'])} | {r['spm_t0_gain']:+.3f} | "
-                     f"{r['pairs_trained']} | {r['fraction_kept']:.2f} |")
+                     f"{r['pairs_trained']} | {r['fraction_kept']:.2f} | {r.get('pairs_per_s', float('nan')):.2f} | "
+                     f"{r.get('peak_rss_mb', float('nan')):.0f} |")
     curves = [r for r in summary if len(r.get("curve", [])) > 1]
     if curves:
         lines += ["", "## Quality per compute", "",
