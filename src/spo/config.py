@@ -116,7 +116,7 @@ class SampleConfig:
     num_steps: int = setting(20, "DDIM steps", ge=1)
     eta: float = setting(1.0, "DDIM eta; > 0 so that each step is a Gaussian transition (flow models: scales "
                          "the flow sampler's noise)", gt=0)
-    flow_sampler: str = setting("sde", "flow models (SD3): sde (Flow-GRPO's SDE, the ODE's marginals) | ddim "
+    flow_sampler: str = setting("sde", "flow models (SD3, FLUX): sde (Flow-GRPO's SDE, the ODE's marginals) | ddim "
                                 "(DDIM-style flow step, eta-parameterised; its last step is deterministic)",
                                 choices=("sde", "ddim"))
     flow_noise_level: float = setting(0.7, "flow models, flow_sampler=sde: noise level a of sigma_t = "

@@ -74,7 +74,7 @@ def generate_to_folder(pretrained: str, models: list[tuple[str, str | Path | Non
         rows.append(images)
     names = [name for name, _ in models]
     return _side_by_side(rows, names, prompts, out / "grid.png",
-                         title=f"rows: {', '.join(names)}; seeds {seed}+i; DDIM {steps}, CFG {guidance:g}")
+                         title=f"rows: {', '.join(names)}; seeds {seed}+i; {steps} steps, guidance {guidance:g}")
 
 
 def _write_pngs(images: np.ndarray, folder: Path) -> None:
