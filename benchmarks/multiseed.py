@@ -81,6 +81,8 @@ def run_one(job: dict) -> dict:
     cfg = load_config(SPOConfig, ROOT / "configs" / job.get("config", job["recipe"]), [
         *job["overrides"], f"train.seed={job['seed']}", f"train.num_epochs={job['epochs']}",
         f"log.output_dir={out}", "log.report_to=none", "log.checkpointing_epochs=1000", *job["extra"]])
+    if cfg.model.pretrained != job["pretrained"]:  # the images are judged from job["pretrained"]: they must agree
+        raise ValueError(f"{job['row']} trains {cfg.model.pretrained} but is evaluated on {job['pretrained']}")
     utility = load_scorer("world-utility")
     t0, excluded, snapshots = time.time(), [0.0], []
 
@@ -387,7 +389,7 @@ def main(argv=None) -> dict:
         extra_row = DPO_QUICK if args.quick and row in CONFIGS else []
         return dict(common, row=row, seed=seed, overrides=ROWS[row] if overrides is None else overrides,
                     every=args.every if row in CURVE_ROWS else 0,
-                    config=CONFIGS.get(row, "world.yaml"), prompts=prompts, extra=extra + extra_row, **more)
+                    config=CONFIGS.get(row, args.recipe), prompts=prompts, extra=extra + extra_row, **more)
 
     dpo = [f"dpo.beta={args.dpo_beta}", f"train.learning_rate={args.dpo_lr}"] if args.dpo_beta else []
     tune = [(b, lr) for b in args.dpo_betas.split(",") for lr in args.dpo_lrs.split(",")] if args.tune_dpo else []
@@ -410,6 +412,7 @@ def main(argv=None) -> dict:
     partial = args.out / f"{name}_runs.jsonl"
     partial.write_text("".join(json.dumps(r) + "\n" for r in reused))
     results, tuned = list(reused), [r for r in reused if r["row"].startswith("dpo-tune")]
+    failures = []
     # Runs whose settings depend on earlier ones (the tuned Diffusion-DPO, the no-t judge's row) are
     # submitted as soon as what they need has finished; each finished run is written at once.
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -418,7 +421,13 @@ def main(argv=None) -> dict:
         while pending:
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in finished:
-                j, result = pending.pop(future), future.result()
+                j = pending.pop(future)
+                try:
+                    result = future.result()
+                except Exception as exc:  # say so now; the other runs go on and are kept
+                    failures.append(f"{j['row']} seed {j['seed']}: {type(exc).__name__}: {exc}")
+                    print(f"FAILED {failures[-1]}", flush=True)
+                    continue
                 if j["row"] == "train-no-t-spm":
                     print(f"trained the no-t SPM: {result}", flush=True)
                     for seed in range(args.seeds):
@@ -449,6 +458,8 @@ def main(argv=None) -> dict:
     text = markdown(summary, base, meta, tuning)
     (args.out / f"{name}.md").write_text(text)
     print(text)
+    if failures:
+        raise SystemExit(f"{len(failures)} run(s) failed (the table holds the others):\n" + "\n".join(failures))
     return dict(meta=meta, summary=summary)
 
 

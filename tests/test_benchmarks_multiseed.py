@@ -29,3 +29,14 @@ def test_quick_mode_writes_results(tmp_path):
                           "--out", str(tmp_path / "out")])
     assert (tmp_path / "out" / "multiseed_quick_runs_vs_spo.md").read_text().count("| kway-rule |") == 1
     assert rel["meta"]["seeds"] == 2
+
+
+def test_the_flow_recipe_trains_and_judges_the_flow_model(tmp_path):
+    """--recipe flow_world.yaml: every row trains world:sd3 and its images come from world:sd3 (a LoRA of the
+    SD world applied there is refused, so a mix-up fails here); the trajectory-level row runs."""
+    multiseed.main(["--quick", "--recipe", "flow_world.yaml", "--rows", "trajectory", "--out", str(tmp_path / "out"),
+                    "--work", str(tmp_path / "work")])
+    data = json.loads((tmp_path / "out" / "multiseed_quick_flow_world.json").read_text())
+    assert data["meta"]["recipe"] == "flow_world.yaml" and [r["row"] for r in data["summary"]] == ["trajectory"]
+    for run in (tmp_path / "work").iterdir():
+        assert json.loads((run / "lora" / "spo_lora.json").read_text())["family"] == "sd3"
