@@ -4,14 +4,15 @@ from pathlib import Path
 
 import pytest
 
-from spo.config import SPMTrainConfig, SPOConfig, field_help, load_config
+from spo.config import LatentJudgeTrainConfig, SPMTrainConfig, SPOConfig, field_help, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
-    cls = SPMTrainConfig if path.name.startswith("spm_") else SPOConfig
+    cls = (SPMTrainConfig if path.name.startswith("spm_") else
+           LatentJudgeTrainConfig if path.name.startswith("latent_judge_") else SPOConfig)
     cfg = load_config(cls, path)
     assert cfg.log.output_dir.startswith("runs/")
 
@@ -26,7 +27,7 @@ def test_the_sd15_recipe_is_the_authors():
 
 
 def test_every_field_has_a_one_line_help():
-    for cls in (SPOConfig, SPMTrainConfig):
+    for cls in (SPOConfig, SPMTrainConfig, LatentJudgeTrainConfig):
         rows = field_help(cls)
         assert rows and all(help_text and "\n" not in help_text for _, help_text, _ in rows), cls
 

@@ -106,6 +106,7 @@ def cli() -> None:
     Step-aware preference model:
       spo train-spm       train the step-aware preference model on Pick-a-Pic-style pairs
       spo evaluate-spm    pairwise accuracy per timestep, base CLIP vs SPM
+      spo train-latent-judge   a judge of noisy latents (no decode) for model.judge=latent
     """
 
 
@@ -213,6 +214,34 @@ def train_spm_command(config_path, resume: str, overwrite: bool, print_config: b
     click.echo(f"step-aware preference model saved to {final}")
 
 
+def _latent_judge_epilog() -> str:
+    from spo.config import LatentJudgeTrainConfig
+
+    return _fields_epilog(LatentJudgeTrainConfig)
+
+
+@cli.command("train-latent-judge", epilog=_latent_judge_epilog())
+@click.option("--config", "config_path", default=None,
+              help="YAML file of LatentJudgeTrainConfig fields, or a shipped recipe by name (latent_judge_world).")
+@click.option("--overwrite", is_flag=True, help="Replace a run already in log.output_dir.")
+@click.option("--print-config", is_flag=True, help="Print the resolved config (YAML, overrides applied) and exit.")
+@click.argument("overrides", nargs=-1)
+def train_latent_judge_command(config_path, overwrite: bool, print_config: bool, overrides: tuple[str, ...]) -> None:
+    """Train a latent step judge (scores noisy latents; no decode). OVERRIDES are dotted key=value config fields.
+
+    \b
+      spo train-latent-judge --config latent_judge_world train.max_steps=500 log.output_dir=runs/latent-judge
+      spo train --config world model.judge=latent model.latent_judge=runs/latent-judge/latent_judge
+    """
+    from spo.config import LatentJudgeTrainConfig
+    from spo.preference.train_latent_judge import train_latent_judge
+
+    cfg = _run_config(LatentJudgeTrainConfig, config_path, overrides, print_config)
+    _writable_dir(Path(cfg.log.output_dir))
+    final = train_latent_judge(cfg, log=lambda m: click.echo(m, err=True), overwrite=overwrite)
+    click.echo(f"latent step judge saved to {final}")
+
+
 @cli.command("evaluate-spm")
 @click.option("--spm", "spm_dirs", multiple=True, type=click.Path(path_type=Path),
               help="Trained SPM directory (repeatable). Default: the packaged world's SPM.")
@@ -226,13 +255,17 @@ def train_spm_command(config_path, resume: str, overwrite: bool, print_config: b
 @click.option("--guidance", type=NONNEGATIVE, default=5.0, show_default=True)
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/evaluate-spm"), show_default=True)
+@click.option("--latent-judge", "latent_judges", multiple=True, metavar="PATH",
+              help="Latent step judge (`spo train-latent-judge`, e.g. world:latent_judge; repeatable), scored on the "
+                   "noisy latent x_t itself (same noise, same t) beside the SPM's x0-predictions.")
 def evaluate_spm_command(spm_dirs, base, processor, dataset, split, diffusion_model, timesteps, max_pairs, guidance,
-                         seed, out) -> None:
-    """Accuracy vs timestep on held-out pairs: the base model used naively, and each SPM."""
+                         seed, out, latent_judges) -> None:
+    """Accuracy vs timestep on held-out pairs: the base model used naively, each SPM and each latent judge."""
     from spo import plugins
     from spo.models import load_diffusion
     from spo.preference.data import load_preference_dataset
-    from spo.preference.evaluate_spm import build_models, check_timesteps, evaluate_spm, first_pairs, write_report
+    from spo.preference.evaluate_spm import (build_latent_judges, build_models, check_timesteps, evaluate_spm,
+                                             first_pairs, write_report)
 
     try:
         ts = [int(t) for t in timesteps.split(",") if t.strip()]
@@ -243,7 +276,8 @@ def evaluate_spm_command(spm_dirs, base, processor, dataset, split, diffusion_mo
     check_timesteps(ts, diffusion)
     models = build_models(base, processor, list(spm_dirs) or ["world:spm"])
     pairs = first_pairs(load_preference_dataset(plugins.resolve(dataset), split), max_pairs)
-    result = evaluate_spm(models, diffusion, pairs, ts, guidance=guidance, seed=seed, **plugins.spm_references(pairs))
+    result = evaluate_spm(models, diffusion, pairs, ts, guidance=guidance, seed=seed,
+                          latent_judges=build_latent_judges(list(latent_judges)), **plugins.spm_references(pairs))
     paths = write_report(result, out)
     click.echo(paths["md"].read_text())
     click.echo(f"table: {paths['md']}\nplot: {paths['png']}")

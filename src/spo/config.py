@@ -65,6 +65,7 @@ REPORT_TO = ("tensorboard", "wandb", "all", "none")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adamw8bit")
 DEFAULT_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+JUDGE_KINDS = ("spm", "latent")
 
 
 # ------------------------------------------------------------------ shared groups
@@ -100,6 +101,11 @@ class ModelConfig:
     vae: str = setting("", "separate VAE replacing the pipeline's (e.g. madebyollin/sdxl-vae-fp16-fix); empty = own")
     spm: str = setting("world:spm", "step judge: an SPM dir (`spo train-spm`), authors:CKPT, a CLIP dir (naive), or "
                        "scorer:NAME (any registered scorer on the x0-predictions, e.g. scorer:world-utility)")
+    judge: str = setting("spm", "what scores the candidates: spm (model.spm on decoded x0-predictions) | latent "
+                         "(model.latent_judge on the noisy latents: no decode, one network row per prompt)",
+                         choices=JUDGE_KINDS)
+    latent_judge: str = setting("world:latent_judge", "model.judge=latent: a latent step judge dir "
+                                "(`spo train-latent-judge`)")
     use_lora: bool = setting(True, "False: full fine-tuning (the reference is then a frozen copy)")
     lora_rank: int = setting(4, "LoRA rank", ge=1)
     lora_alpha: float = setting(4.0, "LoRA alpha, saved in the LoRA metadata; equal to the rank keeps a scale of 1", gt=0)
@@ -267,6 +273,65 @@ class SPMTrainConfig:
             raise SPOError(f"need train.t_min <= train.t_max, got {self.train.t_min} > {self.train.t_max}")
         if self.log.push_to_hub:
             raise SPOError("log.push_to_hub is for spo train's LoRA; upload an SPM folder with `hf upload`")
+
+
+# ------------------------------------------------------------------ spo train-latent-judge
+
+
+@dataclass
+class LatentJudgeDataConfig:
+    dataset: str = setting("world:spm_preference", "preference data (Pick-a-Pic schema): hub id, save_to_disk dir, "
+                           "parquet dir or file")
+    split: str = setting("train", "dataset split to train on")
+    per_prompt_weighting: bool = setting(True, "each prompt counts equally (PickScore)")
+
+
+@dataclass
+class LatentJudgeModelConfig:
+    diffusion_model: str = setting("world:sd", "diffusers pipeline whose VAE latents and text conditioning the judge reads")
+    vae: str = setting("", "separate VAE for it; empty = the pipeline's own")
+    widths: list[int] = setting([32, 64, 64], "channels of each stage of FiLM ResNet blocks (2x pooled between stages)")
+    blocks_per_stage: int = setting(1, "FiLM ResNet blocks per stage", ge=1)
+    cond_dim: int = setting(128, "width of the t + text conditioning vector", ge=8)
+    embed_dim: int = setting(64, "width of the image/text space of the final dot product", ge=8)
+
+
+@dataclass
+class LatentJudgeTrainingConfig:
+    max_steps: int = setting(3000, "optimizer steps", ge=1)
+    batch_size: int = setting(64, "pairs per step", ge=1)
+    learning_rate: float = setting(1e-3, "AdamW learning rate", gt=0)
+    weight_decay: float = setting(0.01, "AdamW weight decay", ge=0)
+    lr_warmup_steps: int = setting(100, "linear warm-up steps before the cosine decay", ge=0)
+    max_grad_norm: float = setting(1.0, "clip the gradient norm to this (0 = no clipping)", ge=0)
+    t_min: int = setting(0, "timesteps are drawn uniformly from [t_min, t_max]", ge=0)
+    t_max: int = setting(999, "largest timestep drawn (below the model's num_train_timesteps)", ge=0)
+    encode_batch_size: int = setting(64, "pairs per VAE-encoding batch (each image is encoded once, before training)",
+                                     ge=1)
+    seed: int = setting(0, "seed of every random draw of the run", ge=0)
+
+
+@dataclass
+class LatentJudgeLogConfig:
+    output_dir: str = setting("runs/latent-judge", "run folder: config.yaml, metrics.jsonl, latent_judge/")
+    log_every: int = setting(100, "append the mean loss and batch accuracy to metrics.jsonl every N steps", ge=1)
+
+
+@dataclass
+class LatentJudgeTrainConfig:
+    """`spo train-latent-judge`: a judge of noisy latents, trained on VAE-encoded preference pairs."""
+
+    data: LatentJudgeDataConfig = field(default_factory=LatentJudgeDataConfig)
+    model: LatentJudgeModelConfig = field(default_factory=LatentJudgeModelConfig)
+    train: LatentJudgeTrainingConfig = field(default_factory=LatentJudgeTrainingConfig)
+    log: LatentJudgeLogConfig = field(default_factory=LatentJudgeLogConfig)
+
+    def validate(self) -> None:
+        validate_fields(self)
+        if not self.model.widths or min(self.model.widths) < 1:
+            raise SPOError(f"model.widths must be a non-empty list of positive channel counts, got {self.model.widths}")
+        if self.train.t_min > self.train.t_max:
+            raise SPOError(f"need train.t_min <= train.t_max, got {self.train.t_min} > {self.train.t_max}")
 
 
 # ------------------------------------------------------------------ loading

@@ -8,6 +8,11 @@ preference gap exceeds `threshold` (`pair_gap`: by default the authors' rule, th
 the best and worst scores, p_best − p_worst = tanh(Δs/2)); the trajectory then continues from a
 candidate chosen uniformly at random, so the next pair is independent of this one. At the last step the
 candidates are final latents and are scored as decoded images at t=0.
+
+With a latent judge (`judge_input="latents"`, `spo.preference.latent_judge`) the candidates are scored as
+they are, noisy latents at their own noise level (the next timestep, 0 after the last step): no decode,
+and the next step's network call is made only for the candidate the trajectory continues from (b rows
+instead of b·K). Pairs, gaps, thresholds and every random draw are the same as with a pixel judge.
 """
 
 from __future__ import annotations
@@ -115,16 +120,29 @@ def _score_candidates(diffusion, judge, candidates, t_next, cond, uncond, guidan
     return judge(images.to(device), captions, t_judge).float().to(candidates.device), out
 
 
+def _score_latents(judge, candidates, t_next, cond):
+    """Latent judge scores of candidates at their own noise level (t_next, or 0 for clean final latents)."""
+    device = _judge_device(judge, candidates.device)
+    t = torch.full((len(candidates),), 0.0 if t_next is None else float(t_next), device=device)
+    return judge(candidates.to(device), cond.to(device), t).float().to(candidates.device)
+
+
+JUDGE_INPUTS = ("images", "latents")
+
+
 @torch.no_grad()
 def resample(diffusion, judge, prompts: list[str], num_steps: int, guidance: float, eta: float,
              num_candidates: int, threshold: float, divert_start_step: int,
              generator: torch.Generator, inner_steps: int = 0, keep_rule: str = "best_worst",
-             continuation: str = "random") -> ResampleResult:
+             continuation: str = "random", judge_input: str = "images") -> ResampleResult:
     """Run the step-wise resampler for one batch of prompts; see the module docstring.
 
-    `diffusion` is a model-family adapter (`spo.models.Diffusion`); `judge(images, captions, t)` scores
-    images in [-1, 1] (the step-aware preference model, or any scorer applied to x0-predictions).
+    `diffusion` is a model-family adapter (`spo.models.Diffusion`). judge_input="images": `judge(images,
+    captions, t)` scores decoded x0-predictions in [-1, 1] (the step-aware preference model, or any scorer);
+    "latents": `judge(latents, conditioning, t)` scores the noisy candidate latents themselves.
     """
+    if judge_input not in JUDGE_INPUTS:
+        raise ValueError(f"unknown judge_input {judge_input!r}; choose one of {JUDGE_INPUTS}")
     schedule = diffusion.schedule(num_steps)
     timesteps = [t for t, _ in schedule]
     device, b, k = diffusion.device, len(prompts), num_candidates
@@ -168,7 +186,11 @@ def resample(diffusion, judge, prompts: list[str], num_steps: int, guidance: flo
             cur = (m + sd * noise_like(cur)).to(x.dtype)
             chain.append(cur)
         t_next = timesteps[i + span] if i + span < len(timesteps) else None
-        scores, cand_out = _score_candidates(diffusion, judge, cur, t_next, cond_k, uncond_k, guidance, captions_k)
+        if judge_input == "latents":  # no network call here: only the chosen candidate needs one, below
+            scores, cand_out = _score_latents(judge, cur, t_next, cond_k), None
+        else:
+            scores, cand_out = _score_candidates(diffusion, judge, cur, t_next, cond_k, uncond_k, guidance,
+                                                 captions_k)
         scores = scores.view(b, k)
         best, worst = scores.argmax(-1), scores.argmin(-1)
         gap = pair_gap(scores, keep_rule)
@@ -193,8 +215,10 @@ def resample(diffusion, judge, prompts: list[str], num_steps: int, guidance: flo
         ranks = (scores > scores[rows, choice.to(scores.device)][:, None]).sum(-1).cpu()
         st.chosen_rank_counts = torch.bincount(ranks, minlength=k).tolist()
         x = cur.view(b, k, *x.shape[1:])[rows, choice]
-        if t_next is not None:
+        if t_next is not None and cand_out is not None:
             out = cand_out.view(b, k, *x.shape[1:])[rows, choice]
+        elif t_next is not None:
+            out = model_out(x, t_next, cond, uncond)
         i += span
     if not found:
         return ResampleResult(Pairs.empty(x.shape[1:]), x, stats)

@@ -117,12 +117,18 @@ class SPO:
         trainer.dataset_size = len(self.prompts)
 
     def load_models(self, trainer) -> None:
-        from spo.preference.judges import load_step_judge
+        from spo.preference.judges import load_latent_judge, load_step_judge
 
-        self.spm = load_step_judge(self.cfg.model.spm, trainer.acc.device)
+        m = self.cfg.model
+        if m.judge == "latent":
+            self.spm = load_latent_judge(m.latent_judge, trainer.acc.device, trainer.diffusion)
+        else:
+            self.spm = load_step_judge(m.spm, trainer.acc.device)
 
     def judge(self, images, captions, t):
-        """The step judge; in fp32 even under a half-precision run unless sample.judge_precision=autocast."""
+        """The step judge; in fp32 even under a half-precision run unless sample.judge_precision=autocast.
+
+        A latent judge gets noisy latents and the prompts' conditioning in place of images and captions."""
         if self.cfg.sample.judge_precision == "autocast":
             return self.spm(images, captions, t)
         with torch.autocast(images.device.type, enabled=False):
@@ -153,7 +159,7 @@ class SPO:
         with acc.autocast():
             result = resample(trainer.diffusion, self.judge, prompts, s.num_steps, s.guidance_scale, s.eta,
                               s.num_candidates, s.threshold, s.divert_start_step, gen, s.inner_steps, s.keep_rule,
-                              s.continuation)
+                              s.continuation, judge_input="latents" if self.cfg.model.judge == "latent" else "images")
         trainer.unet.train()
         return result.pairs, result.stats, prompts
 

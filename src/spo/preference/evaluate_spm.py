@@ -5,6 +5,10 @@ decode (shared by all models); each model scores the two x0-predictions; accurac
 of decided (non-tie) pairs it orders like the label. A caller (or a plug-in, through
 `spo.plugins.spm_references`) can add reference judges scored on the same x0-predictions, and a
 label-noise ceiling; the embedded world adds the ground-truth utility as both.
+
+Latent step judges (`latent_judges`) score what they would score in the resampler: the noisy latent x_t
+itself, with the same noise at the same t (no guided step, no decode), beside the pixel models' x0-predictions
+of that same x_t.
 """
 
 from __future__ import annotations
@@ -55,20 +59,21 @@ def first_pairs(dataset, max_pairs: int | None):
 @torch.no_grad()
 def evaluate_spm(models: dict, diffusion, dataset, timesteps=DEFAULT_TIMESTEPS, batch_size: int = 32,
                  guidance: float = 5.0, seed: int = 0, max_pairs: int | None = None,
-                 reference_judges: dict[str, Judge] | None = None, ceiling: float | None = None) -> dict:
-    """Accuracy per timestep of every model and reference judge. `ceiling` is the accuracy of the truth behind
-    the labels on the same pairs (see `first_pairs`), reported beside them as "ceiling_true_utility"."""
+                 reference_judges: dict[str, Judge] | None = None, ceiling: float | None = None,
+                 latent_judges: dict | None = None) -> dict:
+    """Accuracy per timestep of every model, reference judge and latent judge. `ceiling` is the accuracy of the
+    truth behind the labels on the same pairs (see `first_pairs`), reported beside them as "ceiling_true_utility"."""
     from spo.preference.data import PairCollator
-    from spo.preference.train_spm import noisy_x0_images
+    from spo.preference.noising import noisy_latents, x0_images_of
 
     rows = first_pairs(dataset, max_pairs)
-    reference_judges = reference_judges or {}
+    reference_judges, latent_judges = reference_judges or {}, latent_judges or {}
     collate = PairCollator(diffusion.resolution)
     batches = [b for b in (collate([rows[j] for j in range(i, min(i + batch_size, len(rows)))])
                            for i in range(0, len(rows), batch_size)) if b is not None]
     labels = torch.cat([b["labels"][:, 0] for b in batches]).numpy()
     result = {"timesteps": list(timesteps), "n_pairs": int(len(labels)), "ties": float((labels == 0.5).mean()),
-              "accuracy": {name: [] for name in [*models, *reference_judges]}}
+              "accuracy": {name: [] for name in [*models, *reference_judges, *latent_judges]}}
     if ceiling is not None:
         result["ceiling_true_utility"] = ceiling
     for t_value in timesteps:
@@ -77,7 +82,11 @@ def evaluate_spm(models: dict, diffusion, dataset, timesteps=DEFAULT_TIMESTEPS, 
         x0_pairs, captions = [], []  # x0-predictions kept for the reference judges
         for b in batches:
             t = torch.full((len(b["captions"]),), int(t_value), dtype=torch.long)
-            x0_0, x0_1 = noisy_x0_images(diffusion, b["img0"], b["img1"], b["captions"], t, guidance, gen)
+            x_t, t2 = noisy_latents(diffusion, b["img0"], b["img1"], t, gen)
+            x0_0, x0_1 = x0_images_of(diffusion, x_t, t2, b["captions"], guidance)
+            for name, judge in latent_judges.items():
+                s0, s1 = _latent_pair_scores(judge, diffusion, x_t, b["captions"], t)
+                scores[name][0].append(s0), scores[name][1].append(s1)
             for name, model in models.items():
                 dev = next(model.parameters()).device
                 scores[name][0].append(model(x0_0.to(dev), b["captions"], t.to(dev)).float().cpu())
@@ -90,6 +99,29 @@ def evaluate_spm(models: dict, diffusion, dataset, timesteps=DEFAULT_TIMESTEPS, 
         for name, (s0, s1) in scores.items():
             result["accuracy"][name].append(label_accuracy(torch.cat(s0).numpy(), torch.cat(s1).numpy(), labels))
     return result
+
+
+def _latent_pair_scores(judge, diffusion, x_t, captions: list[str], t) -> tuple[torch.Tensor, torch.Tensor]:
+    """A latent judge's scores of both halves of the stacked x_t (the noisy latents, no decode)."""
+    dev = next(judge.parameters()).device
+    cond, _ = diffusion.encode_prompts(captions)
+    x0, x1 = x_t.chunk(2)
+    score = lambda x: judge(x.to(dev), cond.to(dev), t.to(dev)).float().cpu()  # noqa: E731
+    return score(x0), score(x1)
+
+
+def build_latent_judges(paths: list[str]) -> dict:
+    """Latent step judges by label, in eval mode; paths may be plug-in names ("world:latent_judge")."""
+    from spo.plugins import resolve
+    from spo.preference.latent_judge import LatentStepJudge
+
+    names = [Path(p).name for p in paths]
+    judges = {}
+    for p in paths:
+        name = Path(p).name if names.count(Path(p).name) == 1 else p
+        label = "latent judge (noisy x_t)" if len(paths) <= 1 else f"latent judge {name}"
+        judges[label] = LatentStepJudge.from_pretrained(resolve(str(p))).eval()
+    return judges
 
 
 def _judge_pairs(judge: Judge, x0_pairs: list, captions: list[str]) -> tuple[list, list]:

@@ -1,5 +1,7 @@
 """Step judges: what scores the resampler's candidates, `judge(images, captions, t) -> scores`.
 
+(A latent step judge, `load_latent_judge`, scores the noisy latents instead: `judge(latents, conditioning, t)`.)
+
 `images` are decoded x0-predictions in [-1, 1] (B, 3, H, W), `t` the timestep they were predicted at.
 A step-aware preference model uses t; any image scorer of the registry (`spo.scorers`) can judge too,
 blind to t — the paper's "naive" ablation, or, with a ground truth such as the embedded world's
@@ -39,6 +41,21 @@ def load_step_judge(spec: str, device) -> torch.nn.Module:
     from spo.plugins import resolve
 
     return load_scorer_model(resolve(spec)).eval().requires_grad_(False).to(device)
+
+
+def load_latent_judge(spec: str, device, diffusion=None) -> torch.nn.Module:
+    """A latent step judge (`spo train-latent-judge`; a dir or a plug-in path such as world:latent_judge), in
+    eval mode. With `diffusion`, a judge trained for another family's latents or text embeddings is refused."""
+    from spo.plugins import resolve
+    from spo.preference.latent_judge import LatentStepJudge, check_compatible
+
+    judge = LatentStepJudge.from_pretrained(resolve(spec)).eval().requires_grad_(False).to(device)
+    if diffusion is not None:
+        text_dim = diffusion.encode_prompts([""])[0].embeds.shape[-1]
+        # the latents the resampler holds (FLUX: unpacked, so not the network's in_channels)
+        channels = diffusion.initial_latents(1, torch.Generator().manual_seed(0)).shape[1]
+        check_compatible(judge, channels, text_dim, "the diffusion model")
+    return judge
 
 
 def load_scorer_model(path: str | Path, base: str | Path | None = None,
