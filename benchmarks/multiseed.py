@@ -59,7 +59,9 @@ ROWS = {
     "K=8": ["sample.num_candidates=8"],
     "threshold=0": ["sample.threshold=0.0"],
     "threshold=0.3": ["sample.threshold=0.3"],
-    "no-t-spm": ["model.spm={no_t_spm}"],  # the same SPM recipe without timestep conditioning
+    "no-t-spm": ["model.spm={no_t_spm}"],
+    # the latent step judge (model.latent_judge, world:latent_judge): scores noisy latents, no decode, no CLIP
+    "latent-judge": ["model.judge=latent"],  # the same SPM recipe without timestep conditioning
     "diffusion-dpo": [],  # configs/world_dpo.yaml; β and lr from --dpo or --tune-dpo
 }
 CONFIGS = {"diffusion-dpo": "world_dpo.yaml"}
