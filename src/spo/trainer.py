@@ -473,6 +473,7 @@ def write_model_card(directory: Path, cfg: SPOConfig, pipeline_class: str) -> No
     (directory / "spo_lora.json").write_text(json.dumps(info))
     save_config(cfg, directory / "training_config.yaml")
     base, s, t = cfg.model.pretrained, cfg.sample, cfg.train
+    judge = cfg.model.latent_judge if cfg.model.judge == "latent" else cfg.model.spm
     (directory / "README.md").write_text(f"""---
 base_model: {base}
 library_name: diffusers
@@ -483,7 +484,7 @@ tags: [text-to-image, diffusers, lora, {cfg.method}, preference-optimization]
 
 Trained with `spo` ({cfg.method}; Step-aware Preference Optimization, arXiv 2406.04314) on the prompts
 `{cfg.prompts}`: LoRA rank {cfg.model.lora_rank}, alpha {cfg.model.lora_alpha:g}, learning rate
-{t.learning_rate:g}, {t.num_epochs} epochs, seed {t.seed}; step judge `{cfg.model.spm}`, K = {s.num_candidates},
+{t.learning_rate:g}, {t.num_epochs} epochs, seed {t.seed}; step judge `{judge}`, K = {s.num_candidates},
 threshold {s.threshold:g} ({s.keep_rule}), DDIM {s.num_steps} steps, eta {s.eta:g}, CFG {s.guidance_scale:g}.
 The full recipe is `training_config.yaml` (config digest {cfg.digest()}).
 
