@@ -93,7 +93,8 @@ def run_one(job: dict) -> dict:
             return
         s0 = time.time()
         where = out / "snapshots" / f"epoch-{tr.epoch}"
-        save_lora(tr.acc.unwrap_model(tr.unet), where, cfg.model.lora_rank, cfg.model.lora_alpha)
+        save_lora(tr.acc.unwrap_model(tr.unet), where, cfg.model.lora_rank, cfg.model.lora_alpha,
+                  type(tr.diffusion.pipe))  # in the family's LoRA format
         images = generate(load_model(job["pretrained"], str(where)), job["prompts"], EVAL_SEED, desc="snapshot")
         snapshots.append(dict(epoch=tr.epoch, seconds=s0 - t0 - excluded[0], **_compute(tr),
                               utility=float(utility.score(images, job["prompts"]).mean())))

@@ -34,9 +34,11 @@ def test_quick_mode_writes_results(tmp_path):
 def test_the_flow_recipe_trains_and_judges_the_flow_model(tmp_path):
     """--recipe flow_world.yaml: every row trains world:sd3 and its images come from world:sd3 (a LoRA of the
     SD world applied there is refused, so a mix-up fails here); the trajectory-level row runs."""
-    multiseed.main(["--quick", "--recipe", "flow_world.yaml", "--rows", "trajectory", "--out", str(tmp_path / "out"),
-                    "--work", str(tmp_path / "work")])
+    multiseed.main(["--quick", "--recipe", "flow_world.yaml", "--rows", "spo,trajectory", "--every",
+                    "1", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
     data = json.loads((tmp_path / "out" / "multiseed_quick_flow_world.json").read_text())
-    assert data["meta"]["recipe"] == "flow_world.yaml" and [r["row"] for r in data["summary"]] == ["trajectory"]
-    for run in (tmp_path / "work").iterdir():
-        assert json.loads((run / "lora" / "spo_lora.json").read_text())["family"] == "sd3"
+    assert data["meta"]["recipe"] == "flow_world.yaml"
+    assert [r["row"] for r in data["summary"]] == ["spo", "trajectory"]
+    assert [c["epoch"] for c in data["summary"][0]["curve"]] == [1, 2]  # the snapshot was judged on world:sd3 too
+    for lora in (tmp_path / "work").glob("*/**/spo_lora.json"):
+        assert json.loads(lora.read_text())["family"] == "sd3", lora
