@@ -418,7 +418,8 @@ def main(argv=None) -> dict:
     failures = []
     # Runs whose settings depend on earlier ones (the tuned Diffusion-DPO, the no-t judge's row) are
     # submitted as soon as what they need has finished; each finished run is written at once.
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    # One process per run (max_tasks_per_child=1): each run's peak memory is its own, not its worker's so far.
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
         work = evaluate_run if args.evaluate_runs else run_one
         pending = {pool.submit(train_no_t_spm if j["row"] == "train-no-t-spm" else work, j): j for j in jobs}
         while pending:
