@@ -200,7 +200,7 @@ def test_a_checkpoint_shipped_with_another_scheduler_samples_with_ddim_on_its_no
 
 
 def test_checkpoints_of_other_pipeline_classes_are_refused_clearly(sdxl_dir, tmp_path):
-    for name in ("FluxPipeline", "StableDiffusionXLImg2ImgPipeline"):
+    for name in ("PixArtAlphaPipeline", "StableDiffusionXLImg2ImgPipeline"):
         fake = tmp_path / name
         fake.mkdir()
         (fake / "model_index.json").write_text(json.dumps({"_class_name": name}))
