@@ -437,3 +437,16 @@ def test_init_lora_continues_from_an_sd3_lora(sd3_run, sd3_dir, sd3_spm, tmp_pat
     save_lora(tr.acc.unwrap_model(tr.unet), tmp_path / "now", 4, 4.0, type(tr.diffusion.pipe))
     saved, now = (load_file(str(d / "pytorch_lora_weights.safetensors")) for d in (lora_dir, tmp_path / "now"))
     assert saved.keys() == now.keys() and all(torch.equal(saved[k], now[k]) for k in saved)
+
+
+def test_evaluate_spm_scores_pairs_noised_by_the_flow_model(sd3_spm, sd3_dir, tmp_path):
+    """`spo evaluate-spm` with an SD3 noiser: accuracy per flow timestep for the naive model and the SPM."""
+    from spo.cli import cli
+
+    result = CliRunner().invoke(cli, [
+        "evaluate-spm", "--spm", str(sd3_spm), "--base", "world:pickscore", "--dataset", "world:preference",
+        "--split", "validation", "--max-pairs", "4", "--diffusion-model", str(sd3_dir), "--timesteps", "0,500,950",
+        "--out", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    acc = json.loads((tmp_path / "eval" / "accuracy.json").read_text())
+    assert acc["timesteps"] == [0, 500, 950] and {"base (naive)", "SPM"} <= set(acc["accuracy"])
