@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spo.errors import SPOError
-from spo.preference.spm import timestep_features
+from spo.preference.spm import timestep_features, zero_linear
 
 LATENT_JUDGE_CONFIG = "latent_judge_config.json"
 LATENT_JUDGE_WEIGHTS = "latent_judge.safetensors"
@@ -51,13 +51,6 @@ def _groups(channels: int) -> int:
     return math.gcd(channels, 8)
 
 
-def _zero_linear(d_in: int, d_out: int) -> nn.Linear:
-    layer = nn.Linear(d_in, d_out)
-    nn.init.zeros_(layer.weight)
-    nn.init.zeros_(layer.bias)
-    return layer
-
-
 class FiLMResBlock(nn.Module):
     """GroupNorm → SiLU → conv, FiLM (scale, shift) from the conditioning vector, → conv, residual.
 
@@ -67,7 +60,7 @@ class FiLMResBlock(nn.Module):
         super().__init__()
         self.norm1, self.conv1 = nn.GroupNorm(_groups(c_in), c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
         self.norm2, self.conv2 = nn.GroupNorm(_groups(c_out), c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
-        self.film = _zero_linear(cond_dim, 2 * c_out)
+        self.film = zero_linear(cond_dim, 2 * c_out)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

@@ -63,7 +63,8 @@ def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) ->
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def _zero_linear(d_in: int, d_out: int) -> nn.Linear:
+def zero_linear(d_in: int, d_out: int) -> nn.Linear:
+    """A linear layer that starts at zero, so a new conditioning path changes nothing until it is trained."""
     layer = nn.Linear(d_in, d_out)
     nn.init.zeros_(layer.weight)
     nn.init.zeros_(layer.bias)
@@ -77,8 +78,8 @@ class TimeConditioning(nn.Module):
         super().__init__()
         self.freq_dim = freq_dim
         self.embed = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-        self.blocks = nn.ModuleList([nn.Sequential(nn.SiLU(), _zero_linear(hidden, 6 * hidden)) for _ in range(num_blocks)])
-        self.pooled = nn.Sequential(nn.SiLU(), _zero_linear(hidden, 2 * hidden))
+        self.blocks = nn.ModuleList([nn.Sequential(nn.SiLU(), zero_linear(hidden, 6 * hidden)) for _ in range(num_blocks)])
+        self.pooled = nn.Sequential(nn.SiLU(), zero_linear(hidden, 2 * hidden))
 
     def forward(self, t: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         c = self.embed(timestep_features(t, self.freq_dim).to(self.embed[0].weight.dtype))
