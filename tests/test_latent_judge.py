@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from spo.models import Diffusion, load_pipeline
 from spo.preference.latent_judge import LatentJudgeConfig, LatentStepJudge
-from spo.preference.train_latent_judge import EncodedPairs, _optimise, pair_scores
+from spo.preference.train_latent_judge import EncodedPairs, _optimise, _pair_loss, pair_scores
 from spo.resampler import resample
 from conftest import tiny_spo_args
 
@@ -70,7 +70,8 @@ def test_the_judge_learns_a_prompt_dependent_preference_from_noisy_latents(diffu
     before = {t: _accuracy(judge, diffusion, held_out, t) for t in (0, 250)}
     cfg = dict(max_steps=150, batch_size=64, learning_rate=3e-3, weight_decay=0.0, lr_warmup_steps=10,
                max_grad_norm=1.0, t_min=0, t_max=999, seed=0)
-    _optimise(judge, diffusion, train, type("T", (), cfg)(), 50, tmp_path / "metrics.jsonl", log=lambda m: None)
+    tr = type("T", (), cfg)()
+    _optimise(judge, _pair_loss(judge, diffusion, train, tr), tr, 50, tmp_path / "metrics.jsonl", log=lambda m: None)
     after = {t: _accuracy(judge, diffusion, held_out, t) for t in (0, 250)}
     assert after[0] > 0.85 and after[250] > 0.75, (before, after)
     assert after[0] > max(before.values()) + 0.2  # it was learnt, not given by the initial weights
@@ -147,3 +148,58 @@ def test_spo_trains_an_epoch_with_the_latent_judge(tiny_world, tiny_spm, tiny_la
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+
+
+def _synthetic_sets(n: int, generator: torch.Generator, k: int = 4, shape=(4, 16, 16), text_dim: int = 32):
+    """Sibling sets as the resampler draws them (one x_t-like centre, K small perturbations) whose teacher score is
+    prompt-dependent: + the mean of channel p − the mean of channel 1 − p, p the prompt. A judge blind to the text,
+    or untrained, picks the teacher's best 1/K of the time."""
+    from spo.preference.train_latent_judge import CandidateSets
+
+    text = torch.randn(2, 3, text_dim, generator=generator)
+    prompt = torch.randint(2, (n,), generator=generator)
+    centre = torch.randn(n, 1, *shape, generator=generator)
+    latents = centre + 0.5 * torch.randn(n, k, *shape, generator=generator)
+    rows = torch.arange(n)
+    scores = 4 * (latents[rows, :, prompt].mean((-2, -1)) - latents[rows, :, 1 - prompt].mean((-2, -1)))
+    return CandidateSets(latents, torch.randint(0, 1000, (n,), generator=generator).float(), text, prompt, scores)
+
+
+def test_distillation_learns_the_teachers_choices_among_siblings(tmp_path):
+    from spo.preference.train_latent_judge import _agreement, _distill_loss
+
+    gen = torch.Generator().manual_seed(0)
+    train, held_out = _synthetic_sets(512, gen), _synthetic_sets(256, gen)
+    held_out.text = train.text
+    torch.manual_seed(0)
+    judge = LatentStepJudge(LatentJudgeConfig(text_dim=32, text_tokens=3, widths=[16, 16], cond_dim=32, embed_dim=16))
+    before = _agreement(judge, held_out, 0.1)
+    cfg = dict(max_steps=150, batch_size=32, learning_rate=3e-3, weight_decay=0.0, lr_warmup_steps=10,
+               max_grad_norm=1.0, seed=0)
+    tr = type("T", (), cfg)()
+    _optimise(judge, _distill_loss(judge, train, tr), tr, 50, tmp_path / "metrics.jsonl", log=lambda m: None)
+    after = _agreement(judge, held_out, 0.1)
+    assert after["same_best"] > 0.7 and after["pair_order"] > 0.85, (before, after)
+    assert after["same_best"] > before["same_best"] + 0.3
+
+
+def test_train_latent_judge_distils_from_a_pixel_judge_on_the_models_own_candidates(tiny_world, tiny_spm, tmp_path):
+    """The real command on the tiny world: candidate sets drawn by the resampler, scored by the SPM, a held-out
+    agreement report, and a judge that SPO then loads."""
+    from spo.cli import cli
+
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(["a red circle", "a blue square", "two green triangles", "a yellow star"]))
+    out = tmp_path / "distilled"
+    result = CliRunner().invoke(cli, [
+        "train-latent-judge", "--config", "latent_judge_distilled_world", f"distill.teacher={tiny_spm}",
+        f"distill.prompts={prompts}", "distill.num_prompts=4", "distill.batch_size=2", "distill.held_out_fraction=0.5",
+        f"model.diffusion_model={tiny_world / 'sd'}", "model.init=", "model.widths=[8,16]", "model.cond_dim=16",
+        "model.embed_dim=16", "sample.num_steps=4", "sample.divert_start_step=1", "train.max_steps=3",
+        "train.batch_size=4", f"log.output_dir={out}"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["train_sets"] == 2 * 3 and report["held_out_sets"] == 2 * 3  # 2 prompts x 3 diverted steps each
+    assert set(report["held_out_agreement"]) >= {"same_best", "same_worst", "pair_order", "kept_same"}
+    judge = LatentStepJudge.from_pretrained(out / "latent_judge")
+    assert judge.config.latent_channels == 4

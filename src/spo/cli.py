@@ -93,6 +93,7 @@ def cli() -> None:
       spo world build     rebuild every world artifact from a seed
       spo world sample    sample images from the world model and score them
       spo world info      print the shipped world's figures
+      spo world tiny-decoder   distil world:tiny_decoder (model.scoring_decoder) from the world VAE
       spo demo            the main job: SPO on the world, then base vs tuned report
 
     \b
@@ -161,6 +162,25 @@ def world_sample(world_dir, prompts, num, steps, guidance, seed, out) -> None:
     click.echo(f"utility over {summary['n']} images: mean {summary['utility_mean']:.3f} "
                f"(std {summary['utility_std']:.3f})")
     click.echo(f"grid: {grid}\nsummary: {out / 'summary.json'}")
+
+
+@world.command("tiny-decoder")
+@click.option("--world", "world_dir", type=click.Path(path_type=Path), default=None, help="World directory.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/tiny_decoder"), show_default=True)
+@click.option("-n", "--num", type=click.IntRange(16), default=3000, show_default=True,
+              help="Latents of each kind (clean, noised x0-predictions, sampled x0-predictions) to distil on.")
+@click.option("--steps", type=click.IntRange(1), default=3000, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
+def world_tiny_decoder(world_dir, out, num, steps, seed) -> None:
+    """Distil a small AutoencoderTiny from the world VAE: a scoring decoder for model.scoring_decoder."""
+    from spo.world import open_world
+    from spo.world.tiny_decoder import distil
+
+    world_dir = open_world(world_dir)
+    out = _writable_dir(out)
+    recipe = distil(out, world_dir, n=num, steps=steps, seed=seed, log=lambda m: click.echo(m, err=True))
+    click.echo(f"held-out PSNR vs the VAE decode: {recipe['held_out_psnr_db']['all']:.1f} dB\ndecoder: {out} "
+               f"(use it with model.scoring_decoder={out})")
 
 
 @cli.command()
@@ -258,8 +278,11 @@ def train_latent_judge_command(config_path, overwrite: bool, print_config: bool,
 @click.option("--latent-judge", "latent_judges", multiple=True, metavar="PATH",
               help="Latent step judge (`spo train-latent-judge`, e.g. world:latent_judge; repeatable), scored on the "
                    "noisy latent x_t itself (same noise, same t) beside the SPM's x0-predictions.")
+@click.option("--scoring-decoder", default="", metavar="PATH",
+              help="Decode the x0-predictions with this AutoencoderTiny (model.scoring_decoder, e.g. "
+                   "world:tiny_decoder, madebyollin/taesd) instead of the VAE: its cost in accuracy.")
 def evaluate_spm_command(spm_dirs, base, processor, dataset, split, diffusion_model, timesteps, max_pairs, guidance,
-                         seed, out, latent_judges) -> None:
+                         seed, out, latent_judges, scoring_decoder) -> None:
     """Accuracy vs timestep on held-out pairs: the base model used naively, each SPM and each latent judge."""
     from spo import plugins
     from spo.models import load_diffusion
@@ -274,6 +297,8 @@ def evaluate_spm_command(spm_dirs, base, processor, dataset, split, diffusion_mo
     out = _writable_dir(out)
     diffusion = load_diffusion(plugins.resolve(diffusion_model))  # the family's adapter (SD, SDXL or SD3)
     check_timesteps(ts, diffusion)
+    if scoring_decoder:
+        diffusion.set_scoring_decoder(plugins.resolve(scoring_decoder))
     models = build_models(base, processor, list(spm_dirs) or ["world:spm"])
     pairs = first_pairs(load_preference_dataset(plugins.resolve(dataset), split), max_pairs)
     result = evaluate_spm(models, diffusion, pairs, ts, guidance=guidance, seed=seed,

@@ -66,6 +66,8 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adamw8bit")
 DEFAULT_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 JUDGE_KINDS = ("spm", "latent")
+# torch.compile modes of the sampling-phase network calls (spo.compilation); "" = off.
+COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune")
 
 
 # ------------------------------------------------------------------ shared groups
@@ -106,6 +108,9 @@ class ModelConfig:
                          choices=JUDGE_KINDS)
     latent_judge: str = setting("world:latent_judge", "model.judge=latent: a latent step judge dir "
                                 "(`spo train-latent-judge`)")
+    scoring_decoder: str = setting("", "model.judge=spm: a small AutoencoderTiny (TAESD) that decodes the "
+                                   "x0-predictions for the judge only (madebyollin/taesd, taesdxl, taesd3, taef1, a "
+                                   "dir, world:tiny_decoder); empty = the pipeline's VAE")
     use_lora: bool = setting(True, "False: full fine-tuning (the reference is then a frozen copy)")
     lora_rank: int = setting(4, "LoRA rank", ge=1)
     lora_alpha: float = setting(4.0, "LoRA alpha, saved in the LoRA metadata; equal to the rank keeps a scale of 1", gt=0)
@@ -115,6 +120,9 @@ class ModelConfig:
     gradient_checkpointing: bool = setting(False, "trade compute for memory in the trained network")
     init_lora: str = setting("", "start from this LoRA folder of `spo train` (same base, rank, alpha, targets) "
                              "instead of fresh adapters; empty = fresh")
+    compile: str = setting("", "torch.compile mode for the resampler's (sampling-phase) network calls only; training "
+                           "runs eager. The first round compiles (world, CPU: 217 s cold, 17 s cached), then rounds "
+                           "run 1.17x faster (benchmarks/results/compile_speed.md); empty = off", choices=COMPILE_MODES)
 
 
 @dataclass
@@ -287,6 +295,18 @@ class LatentJudgeDataConfig:
 
 
 @dataclass
+class LatentJudgeDistillConfig:
+    teacher: str = setting("", "distil from this pixel step judge (an SPM dir, world:spm) on the diffusion model's own "
+                           "candidate sets (drawn as the resampler draws them, with the sample group) instead of "
+                           "training on data.dataset's pairs; empty = the pairs")
+    prompts: str = setting("world:train", "prompt set the candidate sets are sampled for")
+    num_prompts: int = setting(512, "prompts sampled; each gives one candidate set per diverted step", ge=2)
+    batch_size: int = setting(32, "prompts per resampler batch", ge=1)
+    held_out_fraction: float = setting(0.1, "share of the prompts held out to measure agreement with the teacher",
+                                       ge=0, lt=1)
+
+
+@dataclass
 class LatentJudgeModelConfig:
     diffusion_model: str = setting("world:sd", "diffusers pipeline whose VAE latents and text conditioning the judge reads")
     vae: str = setting("", "separate VAE for it; empty = the pipeline's own")
@@ -294,6 +314,10 @@ class LatentJudgeModelConfig:
     blocks_per_stage: int = setting(1, "FiLM ResNet blocks per stage", ge=1)
     cond_dim: int = setting(128, "width of the t + text conditioning vector", ge=8)
     embed_dim: int = setting(64, "width of the image/text space of the final dot product", ge=8)
+    init: str = setting("", "start from this latent judge (a dir or world:latent_judge; its widths win); empty = fresh")
+    reads: str = setting("noisy", "what the judge scores: noisy (a candidate latent at its noise level: no network "
+                         "call for the K candidates) | x0 (their guided x0-prediction: the scoring call stays, the "
+                         "decode and CLIP go; needs distill.teacher)", choices=("noisy", "x0"))
 
 
 @dataclass
@@ -319,9 +343,12 @@ class LatentJudgeLogConfig:
 
 @dataclass
 class LatentJudgeTrainConfig:
-    """`spo train-latent-judge`: a judge of noisy latents, trained on VAE-encoded preference pairs."""
+    """`spo train-latent-judge`: a judge of noisy latents, trained on VAE-encoded preference pairs, or distilled
+    from a pixel step judge on the diffusion model's own candidate sets (`distill.teacher`)."""
 
     data: LatentJudgeDataConfig = field(default_factory=LatentJudgeDataConfig)
+    distill: LatentJudgeDistillConfig = field(default_factory=LatentJudgeDistillConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)  # distill.teacher: how the candidate sets are drawn
     model: LatentJudgeModelConfig = field(default_factory=LatentJudgeModelConfig)
     train: LatentJudgeTrainingConfig = field(default_factory=LatentJudgeTrainingConfig)
     log: LatentJudgeLogConfig = field(default_factory=LatentJudgeLogConfig)
@@ -332,6 +359,13 @@ class LatentJudgeTrainConfig:
             raise SPOError(f"model.widths must be a non-empty list of positive channel counts, got {self.model.widths}")
         if self.train.t_min > self.train.t_max:
             raise SPOError(f"need train.t_min <= train.t_max, got {self.train.t_min} > {self.train.t_max}")
+        if self.model.reads == "x0" and not self.distill.teacher:
+            raise SPOError("model.reads=x0 needs distill.teacher: an x0-prediction of every noised training pair "
+                           "would cost a network call per pair per step; distil from a pixel judge instead")
+        s = self.sample
+        if self.distill.teacher and not 0 <= s.divert_start_step < s.num_steps:
+            raise SPOError(f"sample.divert_start_step must lie in [0, num_steps={s.num_steps}), "
+                           f"got {s.divert_start_step}")
 
 
 # ------------------------------------------------------------------ loading

@@ -150,6 +150,18 @@ def load_vae(path_or_id: str | Path, dtype: torch.dtype | None = None):
                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
 
 
+def load_scoring_decoder(path_or_id: str | Path, dtype: torch.dtype | None = None):
+    """A TAESD-style AutoencoderTiny (hub id such as madebyollin/taesd, or a directory), frozen, in eval mode."""
+    from diffusers import AutoencoderTiny
+
+    try:
+        decoder = AutoencoderTiny.from_pretrained(str(path_or_id), torch_dtype=dtype)
+    except Exception as exc:
+        raise SPOError(f"model.scoring_decoder: could not load an AutoencoderTiny from {path_or_id!r} "
+                       f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    return decoder.eval().requires_grad_(False)
+
+
 @dataclass
 class Conditioning:
     """The text conditioning of a batch, one row per image: what the UNet takes besides x_t and t.
@@ -234,6 +246,8 @@ class Diffusion:
     """A frozen-or-trainable SD or SDXL model seen through the operations SPM and SPO need."""
 
     pipe: object
+    # An AutoencoderTiny that decodes x0-predictions for the step judge only (`set_scoring_decoder`); None: the VAE.
+    scoring_decoder: object = None
 
     @property
     def family(self) -> str:
@@ -264,6 +278,10 @@ class Diffusion:
             module.requires_grad_(False).to(device)
             if not keep_fp32 and dtype != torch.float32:  # (diffusers warns on any dtype move, even a no-op)
                 module.to(dtype=dtype)
+        if self.scoring_decoder is not None:  # not a frozen module of the pipeline: it is spo's own addition
+            self.scoring_decoder.requires_grad_(False).to(device)
+            if dtype != torch.float32:
+                self.scoring_decoder.to(dtype=dtype)
 
     @property
     def unet(self):
@@ -352,7 +370,29 @@ class Diffusion:
         output to continue), SPM training and evaluation score noised pairs with it.
         """
         out = self.guided_output(x_t, t, cond, uncond, guidance, model)
-        return self.decode(self.x0_prediction(x_t, out, t)), out
+        return self.scoring_decode(self.x0_prediction(x_t, out, t)), out
+
+    def set_scoring_decoder(self, decoder) -> None:
+        """Decode x0-predictions for the judge with a small distilled decoder (an AutoencoderTiny, or a hub id / dir
+        of one) instead of the VAE; `decode` (final images, evaluation, generation) keeps the VAE."""
+        if isinstance(decoder, (str, Path)):
+            decoder = load_scoring_decoder(decoder)
+        channels, expected = decoder.config.latent_channels, self.vae.config.latent_channels
+        if channels != expected:
+            raise SPOError(f"model.scoring_decoder has {channels} latent channels but the model's VAE has {expected}; "
+                           "use a tiny decoder trained for this family (madebyollin/taesd for SD 1.x/2.x, taesdxl, "
+                           "taesd3, taef1)")
+        self.scoring_decoder = decoder.eval().requires_grad_(False).to(self.device)
+
+    def scoring_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as the denoiser sees them -> images in [-1, 1] for the judge: the scoring decoder when one is set,
+        else `decode`. A TAESD-style decoder reads those latents (its config: scaling_factor 1, shift_factor 0); its
+        own scale and shift are applied as diffusers' pipelines apply a VAE's (SD3's and FLUX's formula)."""
+        tiny = self.scoring_decoder
+        if tiny is None:
+            return self.decode(latents)
+        z = latents.to(tiny.dtype) / tiny.config.scaling_factor + (tiny.config.get("shift_factor") or 0.0)
+        return tiny.decode(z).sample.clamp(-1, 1)
 
     def _vae_precision(self):
         """SDXL's own VAE overflows in fp16 (its config says force_upcast): keep it out of fp16 autocast."""

@@ -127,19 +127,34 @@ def _score_latents(judge, candidates, t_next, cond):
     return judge(candidates.to(device), cond.to(device), t).float().to(candidates.device)
 
 
-JUDGE_INPUTS = ("images", "latents")
+def _score_x0_latents(diffusion, judge, candidates, t_next, cond, uncond, guidance):
+    """Latent judge scores of the candidates' guided x0-predictions at t_next (no decode); also the model output."""
+    if t_next is None:  # final step: the candidates are clean latents
+        x0, out = candidates, None
+    else:
+        tb = torch.full((len(candidates),), t_next, device=candidates.device)
+        out = diffusion.guided_output(candidates, tb, cond, uncond, guidance)
+        x0 = diffusion.x0_prediction(candidates, out, tb)
+    return _score_latents(judge, x0, t_next, cond), out
+
+
+JUDGE_INPUTS = ("images", "latents", "x0_latents")
 
 
 @torch.no_grad()
 def resample(diffusion, judge, prompts: list[str], num_steps: int, guidance: float, eta: float,
              num_candidates: int, threshold: float, divert_start_step: int,
              generator: torch.Generator, inner_steps: int = 0, keep_rule: str = "best_worst",
-             continuation: str = "random", judge_input: str = "images") -> ResampleResult:
+             continuation: str = "random", judge_input: str = "images", on_scored=None) -> ResampleResult:
     """Run the step-wise resampler for one batch of prompts; see the module docstring.
 
     `diffusion` is a model-family adapter (`spo.models.Diffusion`). judge_input="images": `judge(images,
     captions, t)` scores decoded x0-predictions in [-1, 1] (the step-aware preference model, or any scorer);
-    "latents": `judge(latents, conditioning, t)` scores the noisy candidate latents themselves.
+    "latents": `judge(latents, conditioning, t)` scores the noisy candidate latents themselves; "x0_latents": the
+    same judge call on the candidates' guided x0-predictions at t_next (the network call is kept for continuing).
+    `on_scored(candidates (b*K, C, H, W), t_score, scores (b, K), outputs)`, if given, sees every scored candidate
+    set (t_score: the noise level the candidates are at, 0 for final latents; outputs: the guided network output
+    at t_score, None where none was made); it draws nothing, so pairs are unchanged.
     """
     if judge_input not in JUDGE_INPUTS:
         raise ValueError(f"unknown judge_input {judge_input!r}; choose one of {JUDGE_INPUTS}")
@@ -188,10 +203,14 @@ def resample(diffusion, judge, prompts: list[str], num_steps: int, guidance: flo
         t_next = timesteps[i + span] if i + span < len(timesteps) else None
         if judge_input == "latents":  # no network call here: only the chosen candidate needs one, below
             scores, cand_out = _score_latents(judge, cur, t_next, cond_k), None
+        elif judge_input == "x0_latents":
+            scores, cand_out = _score_x0_latents(diffusion, judge, cur, t_next, cond_k, uncond_k, guidance)
         else:
             scores, cand_out = _score_candidates(diffusion, judge, cur, t_next, cond_k, uncond_k, guidance,
                                                  captions_k)
         scores = scores.view(b, k)
+        if on_scored is not None:
+            on_scored(cur, 0 if t_next is None else t_next, scores, cand_out)
         best, worst = scores.argmax(-1), scores.argmin(-1)
         gap = pair_gap(scores, keep_rule)
         keep = (gap > threshold).cpu()

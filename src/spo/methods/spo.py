@@ -8,6 +8,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from spo.compilation import CompiledSampling
+
 
 def spo_loss(log_ratio_win: torch.Tensor, log_ratio_lose: torch.Tensor, beta: float, eps: float):
     """−log σ(β (clip(log r_w) − clip(log r_l))), clip to [log(1−ε), log(1+ε)].
@@ -109,6 +111,7 @@ class SPO:
         self.cfg = cfg
         self._stats = {}
         self.nonfinite_rounds = 0  # resampler rounds in a row that sampled NaN/inf
+        self.compiled = CompiledSampling(cfg.model.compile)  # model.compile: the resampler's network calls
 
     def load_data(self, trainer) -> None:
         from spo.prompts import load_prompts
@@ -120,15 +123,22 @@ class SPO:
         from spo.preference.judges import load_latent_judge, load_step_judge
 
         m = self.cfg.model
+        self.judge_input = "images"
         if m.judge == "latent":
             self.spm = load_latent_judge(m.latent_judge, trainer.acc.device, trainer.diffusion)
+            self.judge_input = "x0_latents" if self.spm.config.reads == "x0" else "latents"
         else:
             self.spm = load_step_judge(m.spm, trainer.acc.device)
+            if m.scoring_decoder:  # the judge's decodes only; the trainer's freeze() moves it with the VAE
+                from spo.plugins import resolve
+
+                trainer.diffusion.set_scoring_decoder(resolve(m.scoring_decoder))
 
     def judge(self, images, captions, t):
         """The step judge; in fp32 even under a half-precision run unless sample.judge_precision=autocast.
 
-        A latent judge gets noisy latents and the prompts' conditioning in place of images and captions."""
+        A latent judge gets latents (noisy, or x0-predictions) and the prompts' conditioning in place of images and
+        captions."""
         if self.cfg.sample.judge_precision == "autocast":
             return self.spm(images, captions, t)
         with torch.autocast(images.device.type, enabled=False):
@@ -156,10 +166,10 @@ class SPO:
         gen = stream(self.cfg.train.seed, epoch, acc.process_index, "sample", rnd)
         trainer.diffusion.unet = acc.unwrap_model(trainer.unet)
         trainer.unet.eval()
-        with acc.autocast():
+        with acc.autocast(), self.compiled(trainer.diffusion.unet):
             result = resample(trainer.diffusion, self.judge, prompts, s.num_steps, s.guidance_scale, s.eta,
                               s.num_candidates, s.threshold, s.divert_start_step, gen, s.inner_steps, s.keep_rule,
-                              s.continuation, judge_input="latents" if self.cfg.model.judge == "latent" else "images")
+                              s.continuation, judge_input=self.judge_input)
         trainer.unet.train()
         return result.pairs, result.stats, prompts
 

@@ -1,4 +1,5 @@
-"""The latent step judge: a small network that scores a NOISY LATENT x_t directly (issue #14).
+"""The latent step judge: a small network that scores a NOISY LATENT x_t directly (issue #14), or the latent
+x0-prediction of it (`reads="x0"`: the scoring network call stays, the decode and the CLIP tower go).
 
 The pixel SPM needs, for every candidate, a guided network call, a VAE decode and a CLIP image tower;
 this judge reads the candidate latent at its own noise level t and the diffusion model's own text
@@ -30,6 +31,7 @@ from spo.preference.spm import timestep_features, zero_linear
 LATENT_JUDGE_CONFIG = "latent_judge_config.json"
 LATENT_JUDGE_WEIGHTS = "latent_judge.safetensors"
 LATENT_JUDGE_FORMAT = 1
+JUDGE_READS = ("noisy", "x0")
 
 
 @dataclass
@@ -44,6 +46,9 @@ class LatentJudgeConfig:
     freq_dim: int = 128  # sinusoidal features of t
     num_train_timesteps: int = 1000
     diffusion_model: str = ""  # what its latents and embeddings come from, as the user named it ("world:sd")
+    # what it scores: "noisy" = a candidate latent at its own noise level t; "x0" = the guided x0-prediction of
+    # the candidate at t (the resampler's scoring network call is made, the decode and the CLIP tower are not)
+    reads: str = "noisy"
     format: int = LATENT_JUDGE_FORMAT
 
 
@@ -141,6 +146,8 @@ class LatentStepJudge(nn.Module):
             config = LatentJudgeConfig(**json.loads((directory / LATENT_JUDGE_CONFIG).read_text()))
         except (TypeError, ValueError) as exc:
             raise SPOError(f"{directory / LATENT_JUDGE_CONFIG} is not a valid latent judge config ({exc})") from None
+        if config.reads not in JUDGE_READS:
+            raise SPOError(f"{directory / LATENT_JUDGE_CONFIG}: reads={config.reads!r}; expected one of {JUDGE_READS}")
         if config.format > LATENT_JUDGE_FORMAT:
             raise SPOError(f"{directory} was written by a newer spo (format {config.format}); upgrade spo")
         model = cls(config)
