@@ -104,6 +104,16 @@ def latent_step(diffusion, judge, candidates, t, cond_k, cond, uncond, guidance,
     return dict(network=network, judge=scoring, judge_total=scoring, step=network + scoring)
 
 
+@torch.no_grad()
+def x0_latent_step(diffusion, judge, candidates, t, cond_k, uncond_k, guidance) -> dict:
+    """model.judge=latent with a judge that reads x0 (world:latent_judge_distilled): the scoring call on b·K rows
+    stays, the decode and the SPM are replaced by the latent judge on the x0-prediction latents."""
+    tb = torch.full((len(candidates),), t)
+    out, network = _clock(lambda: diffusion.guided_output(candidates, tb, cond_k, uncond_k, guidance))
+    _, scoring = _clock(lambda: judge(diffusion.x0_prediction(candidates, out, tb), cond_k, tb.float()))
+    return dict(network=network, judge=scoring, judge_total=scoring, step=network + scoring)
+
+
 def measure(name: str, diffusion, spm, latent, b: int, k: int, repeats: int, guidance: float = 5.0) -> dict:
     prompts = ["a red circle above a blue square", "a small green triangle", "two yellow diamonds"] * b
     prompts = prompts[:b]
@@ -114,12 +124,15 @@ def measure(name: str, diffusion, spm, latent, b: int, k: int, repeats: int, gui
     candidates = diffusion.initial_latents(b * k, torch.Generator().manual_seed(0))
     pixel_step(diffusion, spm, candidates, t, cond_k, uncond_k, captions_k, guidance)  # warm-up
     latent_step(diffusion, latent, candidates, t, cond_k, cond, uncond, guidance, b, k)
-    runs = {"pixel": [], "latent": []}
-    for _ in range(repeats):  # interleaved: a slow spell of the machine hits both paths alike
+    x0_latent_step(diffusion, latent, candidates, t, cond_k, uncond_k, guidance)
+    runs = {"pixel": [], "latent": [], "x0 latent": []}
+    for _ in range(repeats):  # interleaved: a slow spell of the machine hits every path alike
         runs["pixel"].append(pixel_step(diffusion, spm, candidates, t, cond_k, uncond_k, captions_k, guidance))
         runs["latent"].append(latent_step(diffusion, latent, candidates, t, cond_k, cond, uncond, guidance, b, k))
-    ratios = [dict(judge=p["judge_total"] / q["judge_total"], step=p["step"] / q["step"])
-              for p, q in zip(runs["pixel"], runs["latent"])]
+        runs["x0 latent"].append(x0_latent_step(diffusion, latent, candidates, t, cond_k, uncond_k, guidance))
+    ratios = [dict(judge=p["judge_total"] / q["judge_total"], step=p["step"] / q["step"],
+                   x0_judge=p["judge_total"] / x["judge_total"], x0_step=p["step"] / x["step"])
+              for p, q, x in zip(runs["pixel"], runs["latent"], runs["x0 latent"])]
     return dict(setting=name, b=b, k=k, t=int(t), latent_shape=list(candidates.shape[1:]),
                 resolution=diffusion.resolution, runs=runs, ratios=ratios)
 
@@ -129,25 +142,27 @@ def _span(values) -> str:
 
 
 def write_markdown(path: Path, results: list[dict], threads: int) -> None:
-    lines = ["# Cost of one diverted step: pixel SPM path vs latent step judge", "",
+    lines = ["# Cost of one diverted step: pixel SPM path vs latent step judges", "",
              f"CPU, {threads} torch thread(s), seconds per diverted step: median (min–max) of 3 interleaved repeats. "
              "`benchmarks/judge_cost.py`.", "",
              "| setting | path | network call | decode | judge | judge total | whole step |", "|---|---|---|---|---|---|---|"]
     for r in results:
-        for path_name in ("pixel", "latent"):
+        for path_name in ("pixel", "latent", "x0 latent"):
             runs = r["runs"][path_name]
             col = lambda key: _span([x[key] for x in runs]) if key in runs[0] else "—"  # noqa: E731
-            rows = f"b·K = {r['b'] * r['k']}" if path_name == "pixel" else f"b = {r['b']}"
+            rows = f"b = {r['b']}" if path_name == "latent" else f"b·K = {r['b'] * r['k']}"
             lines.append(f"| {r['setting']} ({r['resolution']} px) | {path_name} | {col('network')} ({rows}) | "
                          f"{col('decode')} | {col('judge')} | {col('judge_total')} | {col('step')} |")
-    lines += ["", "| setting | judge-only ratio (decode + SPM) / latent judge | whole-step ratio pixel / latent |",
-              "|---|---|---|"]
+    lines += ["", "| setting | judge-only ratio (decode + SPM) / latent judge | whole-step ratio pixel / latent | "
+              "judge-only ratio, x0 latent | whole-step ratio pixel / x0 latent |", "|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['setting']} ({r['resolution']} px) | {_span([x['judge'] for x in r['ratios']])}× | "
-                     f"{_span([x['step'] for x in r['ratios']])}× |")
+        span = lambda key: _span([x[key] for x in r["ratios"]])  # noqa: E731
+        lines.append(f"| {r['setting']} ({r['resolution']} px) | {span('judge')}× | {span('step')}× | "
+                     f"{span('x0_judge')}× | {span('x0_step')}× |")
     lines += ["", "Pixel: the guided call on the K candidates at t_next (reused to continue the chosen one), the decode "
               "of their x0-predictions, the SPM. Latent: the latent judge on the K noisy candidates, then the guided "
-              "call on the chosen candidate only. The transition and the noise draws are the same in both and left "
+              "call on the chosen candidate only. x0 latent: the guided call on the K candidates (kept to continue), the "
+              "latent judge on their x0-prediction latents (a judge of the same widths). The transition and the noise draws are the same in both and left "
               "out. SD1.5: random weights of the full-size architecture (memory.py), a PickScore-size (CLIP-H) SPM, "
               "a latent judge of the shipped world judge's widths (text dim 768).",
               "", "Read with care: the SPM scores 224 px images whatever the model's resolution, so at a small SD1.5 "

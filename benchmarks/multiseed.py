@@ -61,7 +61,11 @@ ROWS = {
     "threshold=0.3": ["sample.threshold=0.3"],
     "no-t-spm": ["model.spm={no_t_spm}"],
     # the latent step judge (model.latent_judge, world:latent_judge): scores noisy latents, no decode, no CLIP
-    "latent-judge": ["model.judge=latent"],  # the same SPM recipe without timestep conditioning
+    "latent-judge": ["model.judge=latent"],
+    # the latent judge distilled from world:spm on the world model's own sibling candidates (issue #14)
+    "latent-distilled": ["model.judge=latent", "model.latent_judge=world:latent_judge_distilled"],
+    # the pixel SPM on x0-predictions decoded by the distilled AutoencoderTiny (world:tiny_decoder), not the VAE
+    "tiny-decoder": ["model.scoring_decoder=world:tiny_decoder"],
     "diffusion-dpo": [],  # configs/world_dpo.yaml; β and lr from --dpo or --tune-dpo
 }
 CONFIGS = {"diffusion-dpo": "world_dpo.yaml"}
