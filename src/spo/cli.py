@@ -107,7 +107,7 @@ def cli() -> None:
     Step-aware preference model:
       spo train-spm       train the step-aware preference model on Pick-a-Pic-style pairs
       spo evaluate-spm    pairwise accuracy per timestep, base CLIP vs SPM
-      spo train-latent-judge   a judge of noisy latents (no decode) for model.judge=latent
+      spo train-latent-judge   a judge of latents (no decode) for model.judge=latent
     """
 
 
@@ -247,10 +247,14 @@ def _latent_judge_epilog() -> str:
 @click.option("--print-config", is_flag=True, help="Print the resolved config (YAML, overrides applied) and exit.")
 @click.argument("overrides", nargs=-1)
 def train_latent_judge_command(config_path, overwrite: bool, print_config: bool, overrides: tuple[str, ...]) -> None:
-    """Train a latent step judge (scores noisy latents; no decode). OVERRIDES are dotted key=value config fields.
+    """Train a latent step judge (scores latents; no decode). OVERRIDES are dotted key=value config fields.
+
+    On preference pairs (default), or distilled from a pixel step judge on the model's own candidate sets
+    (distill.teacher; model.reads=x0 scores x0-prediction latents).
 
     \b
       spo train-latent-judge --config latent_judge_world train.max_steps=500 log.output_dir=runs/latent-judge
+      spo train-latent-judge --config latent_judge_distilled_world distill.num_prompts=256
       spo train --config world model.judge=latent model.latent_judge=runs/latent-judge/latent_judge
     """
     from spo.config import LatentJudgeTrainConfig
