@@ -548,6 +548,12 @@ def spawn(args, variant: str, out_json: Path, log) -> dict:
     return result
 
 
+def _repo_relative(path) -> str:
+    """A path inside the repository as the repository names it (reports must not name this machine's folders)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def span(values) -> dict:
     return dict(median=statistics.median(values), min=min(values), max=max(values), values=values)
 
@@ -593,7 +599,7 @@ def driver(args) -> dict:
     results = dict(
         command="OMP_NUM_THREADS=1 python benchmarks/epoch_vs_authors.py " + " ".join(map(shlex.quote, args.argv)),
         machine=machine, quick=args.quick, repeats=args.repeats, warmup_epochs=args.warmup_epochs,
-        config=dict(file=str(args.config), overrides=(QUICK if args.quick else []) + list(args.override),
+        config=dict(file=_repo_relative(args.config), overrides=(QUICK if args.quick else []) + list(args.override),
                     prompts=cfg.prompts, model=m.pretrained, spm=m.spm, latent_judge=m.latent_judge,
                     prompts_per_round=s.batch_size, rounds_per_epoch=s.batches_per_epoch,
                     num_candidates=s.num_candidates, threshold=s.threshold, num_steps=s.num_steps,
