@@ -12,7 +12,9 @@ candidates are final latents and are scored as decoded images at t=0.
 With a latent judge (`judge_input="latents"`, `spo.preference.latent_judge`) the candidates are scored as
 they are, noisy latents at their own noise level (the next timestep, 0 after the last step): no decode,
 and the next step's network call is made only for the candidate the trajectory continues from (b rows
-instead of b·K). Pairs, gaps, thresholds and every random draw are the same as with a pixel judge.
+instead of b·K). A latent judge that reads x0 (`judge_input="x0_latents"`) keeps the scoring network call and
+scores the candidates' x0-prediction latents: no decode, no CLIP. Pairs, gaps, thresholds and every random draw
+are the same as with a pixel judge.
 """
 
 from __future__ import annotations
