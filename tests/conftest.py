@@ -85,3 +85,18 @@ def assert_stock_reload_matches(trained_pipe, stock, lora_dir, prompt: str, **kw
     reloaded = draw(stock)
     torch.testing.assert_close(torch.from_numpy(reloaded), torch.from_numpy(trained), rtol=0, atol=1e-5)
     assert abs(reloaded - base).max() > 1e-4  # and the LoRA does change the picture
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (the benchmarks are scripts, not a package). It is registered in
+    sys.modules first, because dataclasses defined in it look their module up there."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -2,7 +2,6 @@
 ours, does the work its structure implies (4 UNet calls per minibatch, a deep-copied reference), and --quick writes
 its report."""
 
-import importlib.util
 import json
 import math
 import os
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "epoch_vs_authors.py"
@@ -21,10 +21,7 @@ B, N, D, K, T, INNER = 2, 6, 2, 4, 4, 2
 
 @pytest.fixture(scope="module")
 def eva():
-    spec = importlib.util.spec_from_file_location("bench_epoch_vs_authors", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("epoch_vs_authors")
 
 
 def test_the_authors_pair_rule_is_our_pair_gap(eva):

@@ -1,6 +1,5 @@
 """benchmarks/epoch_profile.py: the components of one SPO epoch add up to it, and every one the epoch uses is counted."""
 
-import importlib.util
 import json
 import math
 import os
@@ -10,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "epoch_profile.py"
@@ -20,10 +20,7 @@ B, N, D, K, TRAIN_BATCH = 2, 4, 1, 4, 2
 
 @pytest.fixture(scope="module")
 def prof():
-    spec = importlib.util.spec_from_file_location("bench_profile", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("epoch_profile")
 
 
 def test_nested_timers_count_only_their_own_time(prof):

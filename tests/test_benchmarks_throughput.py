@@ -1,7 +1,6 @@
 """benchmarks/throughput.py: the two training variants compute the same thing, and --quick writes its report."""
 
 import copy
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "throughput.py"
@@ -17,11 +17,7 @@ SCRIPT = ROOT / "benchmarks" / "throughput.py"
 
 @pytest.fixture(scope="module")
 def tp():
-    spec = importlib.util.spec_from_file_location("bench_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("throughput")
 
 
 @pytest.fixture(scope="module")

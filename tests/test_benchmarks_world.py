@@ -1,23 +1,13 @@
 """The embedded-world benchmarks run end to end in --quick mode (what CI exercises); no timings asserted."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 def test_quality_per_compute_quick(tmp_path):
-    result = _load("quality_per_compute").main(["--quick", "--out", str(tmp_path), "--work", str(tmp_path / "w")])
+    result = load_benchmark("quality_per_compute").main(["--quick", "--out", str(tmp_path), "--work", str(tmp_path / "w")])
     runs = {r["run"] for r in result["rows"]}
     assert runs == {"base", "SPO", "Diffusion-DPO β=2000"}
     for name in runs - {"base"}:
@@ -34,7 +24,7 @@ def test_quality_per_compute_quick(tmp_path):
 
 
 def test_ablations_quick_runs_each_distinct_variant_once(tmp_path):
-    result = _load("ablations").main(["--quick", "--out", str(tmp_path), "--work", str(tmp_path / "w"),
+    result = load_benchmark("ablations").main(["--quick", "--out", str(tmp_path), "--work", str(tmp_path / "w"),
                                       "--only", "labels,candidates K"])
     labels = {r["run"]: r for r in result["tables"]["labels"]}
     ks = {r["run"]: r for r in result["tables"]["candidates K"]}
@@ -48,4 +38,4 @@ def test_ablations_quick_runs_each_distinct_variant_once(tmp_path):
 @pytest.mark.parametrize("bad", [["--epochs", "x"]])
 def test_bad_arguments_exit_with_usage(bad, tmp_path):
     with pytest.raises(SystemExit):
-        _load("ablations").main(bad)
+        load_benchmark("ablations").main(bad)

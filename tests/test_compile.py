@@ -6,7 +6,6 @@ classifier-free guidance: 4 rows), so the module compiles one graph (~45 s on a 
 cores, a few seconds once cached) and every test reuses it.
 """
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import torch
 from spo.compilation import CompiledSampling
 from spo.models import Diffusion
 from spo.resampler import resample
+from conftest import load_benchmark
 
 PROMPTS = ["a red circle", "a blue square above a yellow triangle"]
 REPO = Path(__file__).resolve().parents[1]
@@ -207,9 +207,7 @@ def test_model_compile_is_a_checked_setting():
 
 
 def test_the_benchmark_report_gives_median_range_and_speed_up():
-    spec = importlib.util.spec_from_file_location("compile_speed", REPO / "benchmarks" / "compile_speed.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("compile_speed")
     result = dict(setting="world", mode="default", threads=1, repeats=3, compile_seconds=80.0, warm_compile_seconds=5.0,
                   eager=[10.0, 12.0, 11.0], compiled=[8.0, 7.5, 9.0], load_before=[1.0, 1.0, 1.0],
                   load_after=[2.0, 2.0, 2.0], same_pairs=True, max_abs_diff=1e-6, b=16, k=4, num_steps=20,
