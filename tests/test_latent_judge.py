@@ -8,7 +8,9 @@ import torch
 from click.testing import CliRunner
 
 from spo.models import Diffusion, load_pipeline
-from spo.preference.latent_judge import LatentJudgeConfig, LatentStepJudge
+from spo.errors import SPOError
+from spo.preference.judges import load_latent_judge
+from spo.preference.latent_judge import LatentJudgeConfig, LatentJudgeEnsemble, LatentStepJudge
 from spo.preference.train_latent_judge import EncodedPairs, _optimise, _pair_loss, pair_scores
 from spo.resampler import resample
 from conftest import tiny_spo_args
@@ -195,11 +197,47 @@ def test_train_latent_judge_distils_from_a_pixel_judge_on_the_models_own_candida
         "train-latent-judge", "--config", "latent_judge_distilled_world", f"distill.teacher={tiny_spm}",
         f"distill.prompts={prompts}", "distill.num_prompts=4", "distill.batch_size=2", "distill.held_out_fraction=0.5",
         f"model.diffusion_model={tiny_world / 'sd'}", "model.init=", "model.widths=[8,16]", "model.cond_dim=16",
-        "model.embed_dim=16", "sample.num_steps=4", "sample.divert_start_step=1", "train.max_steps=3",
-        "train.batch_size=4", f"log.output_dir={out}"])
+        "model.embed_dim=16", "model.ensemble_size=2", "sample.num_steps=4", "sample.divert_start_step=1",
+        "train.max_steps=3", "train.batch_size=4", f"log.output_dir={out}"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "train_report.json").read_text())
     assert report["train_sets"] == 2 * 3 and report["held_out_sets"] == 2 * 3  # 2 prompts x 3 diverted steps each
     assert set(report["held_out_agreement"]) >= {"same_best", "same_worst", "pair_order", "kept_same"}
-    judge = LatentStepJudge.from_pretrained(out / "latent_judge")
+    assert [m["seed"] for m in report["members"]] == [0, 1]  # two members, each with its own draws and agreement
+    assert all(set(m["held_out_agreement"]) >= {"same_best", "pair_order"} for m in report["members"])
+    assert (out / "metrics_member_1.jsonl").is_file()
+    judge = load_latent_judge(str(out / "latent_judge"), "cpu")
+    assert isinstance(judge, LatentJudgeEnsemble) and len(judge.members) == 2
     assert judge.config.latent_channels == 4
+    first, second = (dict(m.named_parameters())["stem.weight"] for m in judge.members)
+    assert not torch.equal(first, second)  # different initial draws, not one judge saved twice
+
+
+def _random_judge(seed: int, reads: str = "x0") -> LatentStepJudge:
+    torch.manual_seed(seed)
+    judge = LatentStepJudge(LatentJudgeConfig(text_dim=32, text_tokens=5, widths=[8, 16], cond_dim=16, embed_dim=8,
+                                              reads=reads))
+    for p in judge.parameters():  # FiLM layers start at zero: move every weight so that all of them matter
+        torch.nn.init.normal_(p, std=0.1)
+    return judge.eval()
+
+
+def test_an_ensemble_scores_the_mean_of_its_members_and_saves_exactly(tmp_path):
+    members = [_random_judge(0), _random_judge(1), _random_judge(2)]
+    ensemble = LatentJudgeEnsemble(members)
+    x, text, t = torch.randn(3, 4, 16, 16), torch.randn(3, 5, 32), torch.tensor([0, 400, 999])
+    with torch.no_grad():
+        expected = torch.stack([m(x, text, t) for m in members]).mean(0)
+        assert torch.allclose(ensemble(x, text, t), expected)
+        ensemble.save_pretrained(tmp_path / "ens")
+        again = load_latent_judge(str(tmp_path / "ens"), "cpu")
+        assert torch.equal(again(x, text, t), ensemble(x, text, t))
+        # comma-separated judges make the same ensemble; an ensemble inside the list contributes its members
+        listed = load_latent_judge(f"{tmp_path / 'ens'},{tmp_path / 'ens'}", "cpu")
+        assert len(listed.members) == 6 and torch.allclose(listed(x, text, t), expected)
+    assert again.config.reads == "x0"
+
+
+def test_an_ensemble_of_judges_that_read_different_inputs_is_refused():
+    with pytest.raises(SPOError, match="read the same input"):
+        LatentJudgeEnsemble([_random_judge(0, "x0"), _random_judge(1, "noisy")])

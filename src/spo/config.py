@@ -318,6 +318,8 @@ class LatentJudgeModelConfig:
     reads: str = setting("noisy", "what the judge scores: noisy (a candidate latent at its noise level: no network "
                          "call for the K candidates) | x0 (their guided x0-prediction: the scoring call stays, the "
                          "decode and CLIP go; needs distill.teacher)", choices=("noisy", "x0"))
+    ensemble_size: int = setting(1, "judges trained on the same data with seeds train.seed, train.seed+1, ...; "
+                                 "saved as one ensemble whose score is their mean (costs one judge call each)", ge=1)
 
 
 @dataclass

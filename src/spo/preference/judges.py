@@ -45,11 +45,16 @@ def load_step_judge(spec: str, device) -> torch.nn.Module:
 
 def load_latent_judge(spec: str, device, diffusion=None) -> torch.nn.Module:
     """A latent step judge (`spo train-latent-judge`; a dir or a plug-in path such as world:latent_judge), in
-    eval mode. With `diffusion`, a judge trained for another family's latents or text embeddings is refused."""
+    eval mode. Several, comma-separated, make an ensemble that averages their scores (they must read the same
+    input). With `diffusion`, a judge trained for another family's latents or text embeddings is refused."""
     from spo.plugins import resolve
-    from spo.preference.latent_judge import LatentStepJudge, check_compatible
+    from spo.preference.latent_judge import LatentJudgeEnsemble, check_compatible, load_latent_judge_dir
 
-    judge = LatentStepJudge.from_pretrained(resolve(spec)).eval().requires_grad_(False).to(device)
+    specs = [s.strip() for s in spec.split(",") if s.strip()]
+    judges = [load_latent_judge_dir(resolve(s)) for s in specs]
+    judge = judges[0] if len(judges) == 1 else LatentJudgeEnsemble(
+        [m for j in judges for m in (j.members if isinstance(j, LatentJudgeEnsemble) else [j])])
+    judge = judge.eval().requires_grad_(False).to(device)
     if diffusion is not None:
         text_dim = diffusion.encode_prompts([""])[0].embeds.shape[-1]
         # the latents the resampler holds (FLUX: unpacked, so not the network's in_channels)

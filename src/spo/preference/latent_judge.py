@@ -30,6 +30,7 @@ from spo.preference.spm import timestep_features, zero_linear
 
 LATENT_JUDGE_CONFIG = "latent_judge_config.json"
 LATENT_JUDGE_WEIGHTS = "latent_judge.safetensors"
+LATENT_JUDGE_ENSEMBLE = "latent_judge_ensemble.json"  # an ensemble directory: {"members": [subdir, ...]}
 LATENT_JUDGE_FORMAT = 1
 JUDGE_READS = ("noisy", "x0")
 
@@ -139,7 +140,7 @@ class LatentStepJudge(nn.Module):
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        if not is_latent_judge(directory):
+        if not (directory / LATENT_JUDGE_CONFIG).is_file():
             raise SPOError(f"{directory} is not a latent step judge (no {LATENT_JUDGE_CONFIG}); train one with "
                            f"`spo train-latent-judge`")
         try:
@@ -158,8 +159,62 @@ class LatentStepJudge(nn.Module):
         return model
 
 
+class LatentJudgeEnsemble(nn.Module):
+    """The mean score of several latent judges that read the same input (`reads`, latent channels, text dim).
+
+    Why: two trainings of one distillation recipe, differing only in their random draws, agree with the
+    teacher equally well yet steer SPO differently (docs/results.md section 2.3); averaging the members'
+    scores averages out the draw-specific directions a policy could exploit. Cost: one judge call per member.
+
+    Saved format (a directory): `latent_judge_ensemble.json` (`{"members": [...]}`) + one judge dir per member.
+    """
+
+    def __init__(self, members: list[LatentStepJudge]):
+        super().__init__()
+        if not members:
+            raise SPOError("a latent judge ensemble needs at least one member")
+        first = members[0].config
+        for m in members[1:]:
+            c = m.config
+            if (c.reads, c.latent_channels, c.text_dim) != (first.reads, first.latent_channels, first.text_dim):
+                raise SPOError(f"latent judge ensemble members must read the same input: reads/channels/text dim "
+                               f"{(first.reads, first.latent_channels, first.text_dim)} vs "
+                               f"{(c.reads, c.latent_channels, c.text_dim)}")
+        self.members = nn.ModuleList(members)
+
+    @property
+    def config(self) -> LatentJudgeConfig:
+        return self.members[0].config  # what the resampler and compatibility checks read (shared by all members)
+
+    def forward(self, latents: torch.Tensor, text, t: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member(latents, text, t) for member in self.members]).mean(0)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        names = [f"member_{i}" for i in range(len(self.members))]
+        for name, member in zip(names, self.members):
+            member.save_pretrained(directory / name)
+        (directory / LATENT_JUDGE_ENSEMBLE).write_text(json.dumps({"members": names}, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "LatentJudgeEnsemble":
+        directory = Path(directory)
+        try:
+            names = json.loads((directory / LATENT_JUDGE_ENSEMBLE).read_text())["members"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SPOError(f"{directory / LATENT_JUDGE_ENSEMBLE} is not a valid latent judge ensemble ({exc})") from None
+        return cls([LatentStepJudge.from_pretrained(directory / name) for name in names])
+
+
+def load_latent_judge_dir(directory: str | Path) -> "LatentStepJudge | LatentJudgeEnsemble":
+    """A saved latent judge or ensemble directory (CPU, fp32, as saved)."""
+    if (Path(directory) / LATENT_JUDGE_ENSEMBLE).is_file():
+        return LatentJudgeEnsemble.from_pretrained(directory)
+    return LatentStepJudge.from_pretrained(directory)
+
+
 def is_latent_judge(directory: str | Path) -> bool:
-    return (Path(directory) / LATENT_JUDGE_CONFIG).is_file()
+    return (Path(directory) / LATENT_JUDGE_CONFIG).is_file() or (Path(directory) / LATENT_JUDGE_ENSEMBLE).is_file()
 
 
 def check_compatible(judge: LatentStepJudge, latent_channels: int, text_dim: int, where: str) -> None:

@@ -17,6 +17,7 @@ lowered the true utility, docs/results.md §2.3). Siblings are the only comparis
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -187,6 +188,7 @@ def train_latent_judge(cfg: LatentJudgeTrainConfig, log=print, overwrite: bool =
     from spo.files import atomic_directory, atomic_write_text
     from spo.models import load_diffusion
     from spo.plugins import resolve
+    from spo.preference.latent_judge import LatentJudgeEnsemble
     from spo.runtime import RunLock, check_output_dir, replace_old_run
 
     cfg.validate()
@@ -205,30 +207,44 @@ def train_latent_judge(cfg: LatentJudgeTrainConfig, log=print, overwrite: bool =
         else:
             data, held_out = _pair_data(cfg, diffusion, log), None
         data_seconds = time.time() - t0
-        judge = _initial_judge(cfg, diffusion, data.text).to(diffusion.device)
         replace_old_run(output, "config.yaml", overwrite, False, _ONE_PROCESS)
         output.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output / "config.yaml")
-        before = _agreement(judge, held_out, cfg.sample.threshold) if distill else None
-        t1 = time.time()
-        batch_loss = _distill_loss(judge, data, tr) if distill else _pair_loss(judge, diffusion, data, tr)
-        metrics = _optimise(judge, batch_loss, tr, cfg.log.log_every, output / "metrics.jsonl", log)
+        members, reports, t1 = [], [], time.time()
+        for i in range(m.ensemble_size):
+            if i:  # member 0 draws its weights as a single judge does; the others from their own seed
+                torch.manual_seed(tr.seed + i)
+            judge = _initial_judge(cfg, diffusion, data.text).to(diffusion.device)
+            member_tr = dataclasses.replace(tr, seed=tr.seed + i)
+            before = _agreement(judge, held_out, cfg.sample.threshold) if distill else None
+            batch_loss = _distill_loss(judge, data, member_tr) if distill else _pair_loss(judge, diffusion, data, member_tr)
+            metrics_name = "metrics.jsonl" if i == 0 else f"metrics_member_{i}.jsonl"
+            metrics = _optimise(judge, batch_loss, member_tr, cfg.log.log_every, output / metrics_name, log)
+            member_report = dict(seed=member_tr.seed, last=metrics)
+            if distill:
+                member_report.update(held_out_agreement_before=before,
+                                     held_out_agreement=_agreement(judge, held_out, cfg.sample.threshold))
+            members.append(judge)
+            reports.append(member_report)
         train_seconds = time.time() - t1
+        judge = members[0] if len(members) == 1 else LatentJudgeEnsemble(members)
         final = output / "latent_judge"
         with atomic_directory(final) as tmp:
-            judge.cpu().save_pretrained(tmp)
+            judge.save_pretrained(tmp)
         n_params = sum(p.numel() for p in judge.parameters())
         report = dict(parameters=n_params, steps=tr.max_steps, encode_seconds=round(data_seconds, 1),
-                      train_seconds=round(train_seconds, 1), last=metrics)
+                      train_seconds=round(train_seconds, 1), last=reports[0]["last"])
+        if len(members) > 1:
+            report.update(members=reports)
         if distill:
             after = _agreement(judge, held_out, cfg.sample.threshold)
-            report.update(train_sets=len(data), held_out_sets=len(held_out), held_out_agreement_before=before,
-                          held_out_agreement=after)
+            report.update(train_sets=len(data), held_out_sets=len(held_out),
+                          held_out_agreement_before=reports[0]["held_out_agreement_before"], held_out_agreement=after)
             log(f"[latent-judge] held-out agreement with the teacher: {after}")
         else:
             report.update(pairs=len(data))
         atomic_write_text(output / "train_report.json", json.dumps(report, indent=2))
-        log(f"[latent-judge] {n_params} parameters, {tr.max_steps} steps in {train_seconds:.1f}s")
+        log(f"[latent-judge] {n_params} parameters, {len(members)} x {tr.max_steps} steps in {train_seconds:.1f}s")
         return final
 
 
