@@ -185,9 +185,44 @@ def test_distillation_learns_the_teachers_choices_among_siblings(tmp_path):
     assert after["same_best"] > before["same_best"] + 0.3
 
 
-def test_train_latent_judge_distils_from_a_pixel_judge_on_the_models_own_candidates(tiny_world, tiny_spm, tmp_path):
-    """The real command on the tiny world: candidate sets drawn by the resampler, scored by the SPM, a held-out
-    agreement report, and a judge that SPO then loads."""
+@pytest.fixture(scope="module")
+def tiny_policy_lora(tiny_world, tiny_spm, tmp_path_factory):
+    """The LoRA of a one-epoch SPO run on the tiny world: a tuned policy for an on-policy distillation round."""
+    from spo.cli import cli
+
+    out = tmp_path_factory.mktemp("policy")
+    result = CliRunner().invoke(cli, ["train", *tiny_spo_args(tiny_world, tiny_spm, out, "train.num_epochs=1")])
+    assert result.exit_code == 0, result.output
+    return out / "lora"
+
+
+def test_a_policy_lora_changes_the_model_inside_the_round_and_is_unloaded_after(diffusion, tiny_policy_lora):
+    from spo.preference.train_latent_judge import policy_lora
+
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500, 500])
+    cond, uncond = diffusion.encode_prompts(["a red circle", "a blue square"])
+    with torch.no_grad():
+        before = diffusion.guided_output(x, t, cond, uncond, 5.0)
+        with policy_lora(diffusion, str(tiny_policy_lora)):
+            inside = diffusion.guided_output(x, t, cond, uncond, 5.0)
+        after = diffusion.guided_output(x, t, cond, uncond, 5.0)
+    assert not torch.allclose(inside, before)  # the tuned policy draws the sets
+    assert torch.equal(after, before)  # and the base model is back for everything after
+
+
+def test_a_missing_policy_folder_is_refused_in_one_line(diffusion, tmp_path):
+    from spo.preference.train_latent_judge import policy_lora
+
+    with pytest.raises(SPOError, match="not a LoRA folder"):
+        with policy_lora(diffusion, str(tmp_path / "nope")):
+            pass
+
+
+def test_train_latent_judge_distils_from_a_pixel_judge_on_the_models_own_candidates(tiny_world, tiny_spm,
+                                                                                   tiny_policy_lora, tmp_path):
+    """The real command on the tiny world: candidate sets drawn by the resampler — from the base model and from a
+    tuned policy — scored by the SPM, held-out agreement reports, and an ensemble judge that SPO then loads."""
     from spo.cli import cli
 
     prompts = tmp_path / "prompts.json"
@@ -198,10 +233,13 @@ def test_train_latent_judge_distils_from_a_pixel_judge_on_the_models_own_candida
         f"distill.prompts={prompts}", "distill.num_prompts=4", "distill.batch_size=2", "distill.held_out_fraction=0.5",
         f"model.diffusion_model={tiny_world / 'sd'}", "model.init=", "model.widths=[8,16]", "model.cond_dim=16",
         "model.embed_dim=16", "model.ensemble_size=2", "sample.num_steps=4", "sample.divert_start_step=1",
-        "train.max_steps=3", "train.batch_size=4", f"log.output_dir={out}"])
+        "train.max_steps=3", "train.batch_size=4", f"log.output_dir={out}", f"distill.policies=[{tiny_policy_lora}]",
+        "distill.policy_prompts=2"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "train_report.json").read_text())
-    assert report["train_sets"] == 2 * 3 and report["held_out_sets"] == 2 * 3  # 2 prompts x 3 diverted steps each
+    # 2 base prompts + 1 policy prompt trained on, 3 diverted steps each; 2 base and 1 policy prompt held out
+    assert report["train_sets"] == (2 + 1) * 3 and report["held_out_sets"] == 2 * 3
+    assert report["held_out_policy_sets"] == 1 * 3 and "pair_order" in report["held_out_agreement_on_policy"]
     assert set(report["held_out_agreement"]) >= {"same_best", "same_worst", "pair_order", "kept_same"}
     assert [m["seed"] for m in report["members"]] == [0, 1]  # two members, each with its own draws and agreement
     assert all(set(m["held_out_agreement"]) >= {"same_best", "pair_order"} for m in report["members"])

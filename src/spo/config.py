@@ -304,6 +304,10 @@ class LatentJudgeDistillConfig:
     batch_size: int = setting(32, "prompts per resampler batch", ge=1)
     held_out_fraction: float = setting(0.1, "share of the prompts held out to measure agreement with the teacher",
                                        ge=0, lt=1)
+    policies: list[str] = setting([], "LoRA folders of SPO runs made with an earlier judge (`OUT/lora`): each tuned "
+                                  "policy draws further candidate sets, scored by the teacher — an on-policy round, "
+                                  "so the judge also learns the latents SPO moves the model to; empty = the base model only")
+    policy_prompts: int = setting(128, "prompts each distill.policies policy draws candidate sets for", ge=2)
 
 
 @dataclass

@@ -17,6 +17,7 @@ lowered the true utility, docs/results.md §2.3). Siblings are the only comparis
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -107,6 +108,20 @@ class CandidateSets:
 
     def select(self, rows: torch.Tensor) -> "CandidateSets":
         return CandidateSets(self.latents[rows], self.t[rows], self.text, self.prompt_index[rows], self.scores[rows])
+
+    @staticmethod
+    def cat(parts: list["CandidateSets"]) -> "CandidateSets":
+        """One collection of several (each with its own prompts)."""
+        offsets = torch.tensor([0] + [len(p.text) for p in parts]).cumsum(0)
+        return CandidateSets(torch.cat([p.latents for p in parts]), torch.cat([p.t for p in parts]),
+                             torch.cat([p.text for p in parts]),
+                             torch.cat([p.prompt_index + offsets[i] for i, p in enumerate(parts)]),
+                             torch.cat([p.scores for p in parts]))
+
+    def split_prompts(self, held_out_fraction: float) -> tuple["CandidateSets", "CandidateSets"]:
+        """(train, held out): the sets of the last `held_out_fraction` of the prompts are held out."""
+        held = self.prompt_index >= len(self.text) - int(round(held_out_fraction * len(self.text)))
+        return self.select((~held).nonzero().squeeze(1)), self.select(held.nonzero().squeeze(1))
 
 
 @torch.no_grad()
@@ -202,8 +217,9 @@ def train_latent_judge(cfg: LatentJudgeTrainConfig, log=print, overwrite: bool =
             raise SPOError(f"train.t_max must be < {diffusion.scheduler.config.num_train_timesteps}, got {tr.t_max}")
         t0 = time.time()
         distill = bool(cfg.distill.teacher)
+        held_out_policy = None
         if distill:
-            data, held_out = _distill_data(cfg, diffusion, log)
+            data, held_out, held_out_policy = _distill_data(cfg, diffusion, log)
         else:
             data, held_out = _pair_data(cfg, diffusion, log), None
         data_seconds = time.time() - t0
@@ -241,6 +257,10 @@ def train_latent_judge(cfg: LatentJudgeTrainConfig, log=print, overwrite: bool =
             report.update(train_sets=len(data), held_out_sets=len(held_out),
                           held_out_agreement_before=reports[0]["held_out_agreement_before"], held_out_agreement=after)
             log(f"[latent-judge] held-out agreement with the teacher: {after}")
+            if held_out_policy is not None:  # the sets of the tuned policies' held-out prompts
+                report.update(held_out_policy_sets=len(held_out_policy),
+                              held_out_agreement_on_policy=_agreement(judge, held_out_policy, cfg.sample.threshold))
+                log(f"[latent-judge] ... on the policies' sets: {report['held_out_agreement_on_policy']}")
         else:
             report.update(pairs=len(data))
         atomic_write_text(output / "train_report.json", json.dumps(report, indent=2))
@@ -259,23 +279,56 @@ def _pair_data(cfg, diffusion, log) -> EncodedPairs:
     return pairs
 
 
-def _distill_data(cfg, diffusion, log) -> tuple[CandidateSets, CandidateSets]:
-    """Sample the candidate sets with the teacher; hold out the sets of the last prompts."""
+def _distill_data(cfg, diffusion, log) -> tuple[CandidateSets, CandidateSets, CandidateSets | None]:
+    """Sample the candidate sets with the teacher: the base model's, then each tuned policy's (distill.policies).
+    Returns (train, held out of the base model, held out of the policies); the sets of the last prompts of every
+    draw are held out."""
     from spo.preference.judges import load_step_judge
     from spo.prompts import load_prompts
 
     d = cfg.distill
     prompts = load_prompts(d.prompts)
-    if len(prompts) < d.num_prompts:
-        raise SPOError(f"distill.num_prompts={d.num_prompts} but {d.prompts} has {len(prompts)} prompts")
+    for name, wanted in (("num_prompts", d.num_prompts), ("policy_prompts", d.policy_prompts if d.policies else 0)):
+        if len(prompts) < wanted:
+            raise SPOError(f"distill.{name}={wanted} but {d.prompts} has {len(prompts)} prompts")
     generator = torch.Generator().manual_seed(cfg.train.seed)
     order = torch.randperm(len(prompts), generator=generator)[:d.num_prompts].tolist()
     teacher = load_step_judge(d.teacher, diffusion.device)
     sets = sample_candidate_sets(diffusion, teacher, [prompts[i] for i in order], cfg.sample, d.batch_size,
                                  generator, log, cfg.model.reads)
-    held = sets.prompt_index >= d.num_prompts - int(round(d.held_out_fraction * d.num_prompts))
-    log(f"[latent-judge] {len(sets)} candidate sets of {sets.latents.shape[1]}, {int(held.sum())} held out")
-    return sets.select((~held).nonzero().squeeze(1)), sets.select(held.nonzero().squeeze(1))
+    train, held_base = sets.split_prompts(d.held_out_fraction)
+    log(f"[latent-judge] {len(sets)} candidate sets of {sets.latents.shape[1]} from the base model, "
+        f"{len(held_base)} held out")
+    trains, helds = [train], []
+    for folder in d.policies:
+        order = torch.randperm(len(prompts), generator=generator)[:d.policy_prompts].tolist()
+        with policy_lora(diffusion, folder):
+            sets = sample_candidate_sets(diffusion, teacher, [prompts[i] for i in order], cfg.sample, d.batch_size,
+                                         generator, log, cfg.model.reads)
+        train, held = sets.split_prompts(d.held_out_fraction)
+        trains.append(train)
+        helds.append(held)
+        log(f"[latent-judge] {len(sets)} candidate sets from the policy {folder}, {len(held)} held out")
+    return CandidateSets.cat(trains), held_base, CandidateSets.cat(helds) if helds else None
+
+
+@contextlib.contextmanager
+def policy_lora(diffusion, folder: str):
+    """The diffusion model with an SPO run's LoRA loaded (`OUT/lora`), unloaded again afterwards."""
+    from spo.plugins import resolve
+
+    path = Path(resolve(folder))
+    if not path.is_dir():
+        raise SPOError(f"distill.policies: {folder} is not a LoRA folder (an SPO run's OUT/lora)")
+    try:
+        diffusion.pipe.load_lora_weights(str(path))
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise SPOError(f"distill.policies: cannot load the LoRA in {folder} into the diffusion model "
+                       f"({str(exc).splitlines()[0][:200]}); use a run of model.diffusion_model") from None
+    try:
+        yield diffusion
+    finally:
+        diffusion.pipe.unload_lora_weights()
 
 
 def _initial_judge(cfg, diffusion, text: torch.Tensor):
