@@ -139,11 +139,13 @@ def test_with_a_latent_judge_the_network_runs_b_rows_per_diverted_step_not_b_tim
     assert len(result.pairs) == b * (steps - divert)  # threshold 0: a pair per diverted step, as with any judge
 
 
-def test_spo_trains_an_epoch_with_the_latent_judge(tiny_world, tiny_spm, tiny_latent_judge, tmp_path):
+@pytest.mark.parametrize("members", [1, 2])
+def test_spo_trains_an_epoch_with_the_latent_judge(tiny_world, tiny_spm, tiny_latent_judge, tmp_path, members):
     from spo.cli import cli
 
     out = tmp_path / "run"
-    args = tiny_spo_args(tiny_world, tiny_spm, out, "model.judge=latent", f"model.latent_judge={tiny_latent_judge}",
+    judges = ",".join([str(tiny_latent_judge)] * members)  # 2: an ensemble, given as comma-separated judges
+    args = tiny_spo_args(tiny_world, tiny_spm, out, "model.judge=latent", f"model.latent_judge={judges}",
                          "train.num_epochs=1")
     result = CliRunner().invoke(cli, ["train", *args])
     assert result.exit_code == 0, result.output

@@ -107,7 +107,7 @@ class ModelConfig:
                          "(model.latent_judge on the noisy latents: no decode, one network row per prompt)",
                          choices=JUDGE_KINDS)
     latent_judge: str = setting("world:latent_judge", "model.judge=latent: a latent step judge dir "
-                                "(`spo train-latent-judge`)")
+                                "(`spo train-latent-judge`); several, comma-separated, score as their mean")
     scoring_decoder: str = setting("", "model.judge=spm: a small AutoencoderTiny (TAESD) that decodes the "
                                    "x0-predictions for the judge only (madebyollin/taesd, taesdxl, taesd3, taef1, a "
                                    "dir, world:tiny_decoder); empty = the pipeline's VAE")
