@@ -76,13 +76,15 @@ REPO = Path(__file__).resolve().parents[1]
 VARIANT_OVERRIDES = {  # what each of our variants changes in the recipe (the authors' variant: nothing)
     "ours": [], "authors": [], "ours_latent": ["model.judge=latent"],
     "ours_x0_latent": ["model.judge=latent", "model.latent_judge=world:latent_judge_distilled"],
+    "ours_x0_onpolicy": ["model.judge=latent", "model.latent_judge=world:latent_judge_onpolicy"],
     "ours_tiny_decoder": ["model.scoring_decoder=world:tiny_decoder"]}
 VARIANTS = tuple(VARIANT_OVERRIDES)
 LABELS = {"ours": "ours (pixel SPM)", "authors": "authors' structure (pixel SPM)",
           "ours_latent": "ours, model.judge=latent (noisy latents, world:latent_judge)",
           "ours_x0_latent": "ours, model.judge=latent (x0 latents, world:latent_judge_distilled)",
+          "ours_x0_onpolicy": "ours, model.judge=latent (x0 latents, world:latent_judge_onpolicy)",
           "ours_tiny_decoder": "ours, pixel SPM, model.scoring_decoder=world:tiny_decoder"}
-LATENT_VARIANTS = ("ours_latent", "ours_x0_latent")
+LATENT_VARIANTS = ("ours_latent", "ours_x0_latent", "ours_x0_onpolicy")
 QUICK = ["sample.batch_size=2", "sample.num_steps=6", "sample.divert_start_step=2", "sample.threshold=0",
          "train.batch_size=4"]
 TARGET = 0.5  # issue #14: our whole epoch with the latent judge <= 0.5x the authors' structure

@@ -64,6 +64,8 @@ ROWS = {
     "latent-judge": ["model.judge=latent"],
     # the latent judge distilled from world:spm on the world model's own sibling candidates (issue #14)
     "latent-distilled": ["model.judge=latent", "model.latent_judge=world:latent_judge_distilled"],
+    # the same, retrained with one on-policy round: also on the sets of three policies SPO tuned with the above
+    "latent-onpolicy": ["model.judge=latent", "model.latent_judge=world:latent_judge_onpolicy"],
     # the pixel SPM on x0-predictions decoded by the distilled AutoencoderTiny (world:tiny_decoder), not the VAE
     "tiny-decoder": ["model.scoring_decoder=world:tiny_decoder"],
     "diffusion-dpo": [],  # configs/world_dpo.yaml; β and lr from --dpo or --tune-dpo

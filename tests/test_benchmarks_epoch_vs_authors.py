@@ -63,7 +63,7 @@ def test_each_variant_does_the_work_its_structure_implies(report):
     r, _ = report
     runs = r["runs"]
     assert {v: len(x) for v, x in runs.items()} == {"ours": 1, "authors": 1, "ours_latent": 1, "ours_x0_latent": 1,
-                                                    "ours_tiny_decoder": 1}
+                                                    "ours_x0_onpolicy": 1, "ours_tiny_decoder": 1}
     ours, authors, latent = runs["ours"][0], runs["authors"][0], runs["ours_latent"][0]
     pairs = B * (N - D)
     passes = INNER * pairs  # pairs seen in training, CFG doubles each row
@@ -84,7 +84,8 @@ def test_each_variant_does_the_work_its_structure_implies(report):
     assert authors["reference_bytes"] > 0 and ours["reference_bytes"] == latent["reference_bytes"] == 0
     x0, tiny = runs["ours_x0_latent"][0], runs["ours_tiny_decoder"][0]  # the scoring call stays in both
     assert x0["unet_rows_no_graph"] == tiny["unet_rows_no_graph"] == ours["unet_rows_no_graph"]
-    assert x0["decoded_images"] == 0 and x0["judge_rows"] == B * K * (N - D)
+    for x0 in (runs["ours_x0_latent"][0], runs["ours_x0_onpolicy"][0]):
+        assert x0["decoded_images"] == 0 and x0["judge_rows"] == B * K * (N - D)
     # same LoRA init, same pairs, same minibatches: the two pixel-judge epochs train alike
     assert ours["lora_fingerprint"] == authors["lora_fingerprint"]
     assert ours["loss"] == pytest.approx(authors["loss"], rel=1e-4)
@@ -92,7 +93,8 @@ def test_each_variant_does_the_work_its_structure_implies(report):
 
 def test_the_report_gives_ratios_the_copied_structure_and_the_run(report):
     r, text = report
-    for key in ("ours/authors", "ours_latent/authors", "ours_x0_latent/authors", "ours_tiny_decoder/authors"):
+    for key in ("ours/authors", "ours_latent/authors", "ours_x0_latent/authors", "ours_x0_onpolicy/authors",
+                "ours_tiny_decoder/authors"):
         for phase in ("epoch_seconds", "sampling_seconds", "training_seconds"):
             rat = r["ratios"][key][phase]
             assert 0 < rat["min"] <= rat["median"] <= rat["max"]
