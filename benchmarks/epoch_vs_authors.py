@@ -563,7 +563,7 @@ def span(values) -> dict:
 def ratios(runs: dict) -> dict:
     """Per repeat r: variant / authors for the epoch and each phase; median and range over the repeats."""
     out = {}
-    for v in (v for v in VARIANTS if v != "authors"):
+    for v in (v for v in runs if v != "authors"):
         out[f"{v}/authors"] = {key: span([a[key] / b[key] for a, b in zip(runs[v], runs["authors"])])
                                for key in ("epoch_seconds", "sampling_seconds", "training_seconds")}
     return out
@@ -589,10 +589,11 @@ def driver(args) -> dict:
         f"{check['loss']['grad_rel_diff_authors']:.1e} -> {'equal' if check['ok'] else 'NOT EQUAL'}")
     if not check["ok"]:
         raise SystemExit(f"the authors' structure does not compute what ours does: {check}")
-    runs = {v: [] for v in VARIANTS}
+    variants = args.variants
+    runs = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="spo-epoch-vs-authors-") as tmp:
         for r in range(args.repeats):
-            order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
+            order = variants[r % len(variants):] + variants[:r % len(variants)]
             log(f"repeat {r + 1}/{args.repeats}: {', '.join(order)}")
             for v in order:
                 runs[v].append(spawn(args, v, Path(tmp) / f"{v}-{r}.json", log))
@@ -688,7 +689,7 @@ def markdown(r: dict) -> str:
         "| variant | epoch s | sampling s | training s | other s | pairs sampled | optimizer steps | UNet rows "
         "with graph / without | decoded images | judge rows | peak RSS over loaded model, MiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name in VARIANTS:
+    for name in runs:
         rs = runs[name]
         col = lambda key, f=".2f", scale=1.0: _fmt(span([x[key] for x in rs]), f, scale)  # noqa: E731
         first = rs[0]
@@ -703,7 +704,7 @@ def markdown(r: dict) -> str:
         lines.append(f"| {key} | **{_fmt(rat['epoch_seconds'])}** | {_fmt(rat['sampling_seconds'])} | "
                      f"{_fmt(rat['training_seconds'])} |")
     lines.append("")
-    for name in LATENT_VARIANTS:
+    for name in (v for v in LATENT_VARIANTS if v in runs):
         lat = r["ratios"][f"{name}/authors"]["epoch_seconds"]
         verdict = "met" if lat["max"] <= TARGET else ("met at the median" if lat["median"] <= TARGET else "not met")
         lines += [f"Target of issue #14, our whole epoch with the latent judge ({name}) ≤ {TARGET}× the authors' "
@@ -737,7 +738,7 @@ def markdown(r: dict) -> str:
         f"- load average (1, 5, 15 min) before {', '.join(f'{x:.2f}' for x in m['load_average_before'])}, after "
         f"{', '.join(f'{x:.2f}' for x in m['load_average_after'])}; per timed epoch in the JSON (other jobs share the "
         "machine: compare variants within a repeat)",
-        f"- order: repeat r runs the variants rotated by r ({', '.join(VARIANTS)}; then starting from the next); "
+        f"- order: repeat r runs the variants rotated by r ({', '.join(runs)}; then starting from the next); "
         f"total wall time {r['wall_seconds']:.0f} s; raw numbers in the JSON next to this file"]
     return "\n".join(lines) + "\n"
 
@@ -753,12 +754,21 @@ def parse_args(argv=None):
     p.add_argument("--warmup-epochs", type=int, default=None, help="untimed epochs per process (default 1; --quick 0)")
     p.add_argument("--verify-prompts", type=int, default=4, help="prompts of the sampler equivalence check")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated variants to time (ours and authors always run: the ratios' denominator "
+                        f"and the pair whose equal training the report checks); "
+                        f"default all: {','.join(VARIANTS)}")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--json", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.warmup_epochs = (0 if args.quick else 1) if args.warmup_epochs is None else args.warmup_epochs
+    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(chosen) - set(VARIANTS))
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    args.variants = [v for v in VARIANTS if v in chosen or v in ("ours", "authors")]
     return args
 
 
