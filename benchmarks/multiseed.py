@@ -66,6 +66,10 @@ ROWS = {
     "latent-distilled": ["model.judge=latent", "model.latent_judge=world:latent_judge_distilled"],
     # the same, retrained with one on-policy round: also on the sets of three policies SPO tuned with the above
     "latent-onpolicy": ["model.judge=latent", "model.latent_judge=world:latent_judge_onpolicy"],
+    # a second training draw of that recipe: first `spo train-latent-judge --config latent_judge_onpolicy_world
+    # train.seed=1 log.output_dir=runs/latent-judge-onpolicy-world-seed1`
+    "latent-onpolicy-draw2": ["model.judge=latent",
+                              "model.latent_judge=runs/latent-judge-onpolicy-world-seed1/latent_judge"],
     # the pixel SPM on x0-predictions decoded by the distilled AutoencoderTiny (world:tiny_decoder), not the VAE
     "tiny-decoder": ["model.scoring_decoder=world:tiny_decoder"],
     "diffusion-dpo": [],  # configs/world_dpo.yaml; β and lr from --dpo or --tune-dpo
