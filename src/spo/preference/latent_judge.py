@@ -163,8 +163,10 @@ class LatentJudgeEnsemble(nn.Module):
     """The mean score of several latent judges that read the same input (`reads`, latent channels, text dim).
 
     Why: two trainings of one distillation recipe, differing only in their random draws, agree with the
-    teacher equally well yet steer SPO differently (docs/results.md section 2.3); averaging the members'
-    scores averages out the draw-specific directions a policy could exploit. Cost: one judge call per member.
+    teacher equally well yet steered SPO differently, so averaging draws is the obvious remedy to try. Measured
+    on the world it did not help (the mean of two base-only distilled judges: docs/results.md section 2.3;
+    their errors on a tuned policy's latents are alike — an on-policy round, `distill.policies`, did help).
+    Cost: one judge call per member.
 
     Saved format (a directory): `latent_judge_ensemble.json` (`{"members": [...]}`) + one judge dir per member.
     """
