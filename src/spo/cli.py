@@ -242,7 +242,8 @@ def _latent_judge_epilog() -> str:
 
 @cli.command("train-latent-judge", epilog=_latent_judge_epilog())
 @click.option("--config", "config_path", default=None,
-              help="YAML file of LatentJudgeTrainConfig fields, or a shipped recipe by name (latent_judge_world).")
+              help="YAML file of LatentJudgeTrainConfig fields, or a shipped recipe by name (latent_judge_world, "
+                   "latent_judge_distilled_world, latent_judge_onpolicy_world).")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in log.output_dir.")
 @click.option("--print-config", is_flag=True, help="Print the resolved config (YAML, overrides applied) and exit.")
 @click.argument("overrides", nargs=-1)
@@ -250,11 +251,13 @@ def train_latent_judge_command(config_path, overwrite: bool, print_config: bool,
     """Train a latent step judge (scores latents; no decode). OVERRIDES are dotted key=value config fields.
 
     On preference pairs (default), or distilled from a pixel step judge on the model's own candidate sets
-    (distill.teacher; model.reads=x0 scores x0-prediction latents).
+    (distill.teacher; model.reads=x0 scores x0-prediction latents), also on the sets of policies SPO tuned with
+    an earlier judge (distill.policies: their LoRA folders; an on-policy round).
 
     \b
       spo train-latent-judge --config latent_judge_world train.max_steps=500 log.output_dir=runs/latent-judge
       spo train-latent-judge --config latent_judge_distilled_world distill.num_prompts=256
+      spo train-latent-judge --config latent_judge_onpolicy_world   # after the round-1 SPO runs (make latent-judge-onpolicy)
       spo train --config world model.judge=latent model.latent_judge=runs/latent-judge/latent_judge
     """
     from spo.config import LatentJudgeTrainConfig
