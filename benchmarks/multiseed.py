@@ -70,6 +70,9 @@ ROWS = {
     # train.seed=1 log.output_dir=runs/latent-judge-onpolicy-world-seed1`
     "latent-onpolicy-draw2": ["model.judge=latent",
                               "model.latent_judge=runs/latent-judge-onpolicy-world-seed1/latent_judge"],
+    # the on-policy judge with the compiled sampling path (the configuration of the 0.44x epoch)
+    "latent-onpolicy-compiled": ["model.judge=latent", "model.latent_judge=world:latent_judge_onpolicy",
+                                 "model.compile=default"],
     # the pixel SPM on x0-predictions decoded by the distilled AutoencoderTiny (world:tiny_decoder), not the VAE
     "tiny-decoder": ["model.scoring_decoder=world:tiny_decoder"],
     "diffusion-dpo": [],  # configs/world_dpo.yaml; β and lr from --dpo or --tune-dpo
