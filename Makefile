@@ -26,7 +26,7 @@ test: setup
 world: setup
 	$(BIN)/spo world build --out src/spo/assets/world --force
 
-# Rebuild world:latent_judge_onpolicy (about 40 min on 2 CPU cores): three SPO runs tuned with
+# Rebuild world:latent_judge_onpolicy (about 30 min on 2 CPU cores): three SPO runs tuned with
 # world:latent_judge_distilled (round 1), then a judge distilled on the base model's and those policies' candidate
 # sets (configs/latent_judge_onpolicy_world.yaml); copy runs/latent-judge-onpolicy-world/latent_judge to ship it.
 latent-judge-onpolicy: setup
